@@ -1,0 +1,188 @@
+"""Model configuration: FLA `GatedDeltaNetConfig` field names plus the HAM fields (spec §2, §5)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+LAYER_TYPES = ("ham", "gdn", "attn")
+ROUTERS = ("cosine", "l2", "learned")
+GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
+ATTN_DEFAULTS = {"num_kv_heads": None, "qkv_bias": False, "window_size": None, "rope_theta": 10000.0}
+# Fields of FLA configs that do not change the math of a forward pass.
+IGNORED_FLA_FIELDS = {
+    "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "use_l2warp",
+    "hidden_act", "initializer_range", "max_position_embeddings", "use_cache", "torch_dtype",
+    "dtype", "transformers_version", "auto_map",
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A configuration value that the model cannot use."""
+
+
+@dataclass
+class ModelArgs:
+    """Configuration of a HAM / GDN / attention hybrid language model.
+
+    Field names follow FLA's `GatedDeltaNetConfig` so that FLA `config.json` files read unchanged;
+    the `ham_*` fields and `layer_types` are ours (see ham-spec.md).
+    """
+
+    model_type: str = "ham"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_hidden_layers: int = 4
+    num_heads: int = 4
+    num_v_heads: int | None = None
+    head_dim: int = 64
+    expand_v: float = 2.0
+    conv_size: int = 4
+    use_short_conv: bool = True
+    use_gate: bool = True
+    output_gate_activation: str = "swish"
+    allow_neg_eigval: bool = False
+    norm_eps: float = 1e-6
+    hidden_ratio: float = 4
+    intermediate_size: int | None = None
+    tie_word_embeddings: bool = False
+    attn: dict[str, Any] | None = None
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 3
+    pad_token_id: int | None = 0
+    layer_types: list[str] | None = None
+    ham_router: str = "cosine"
+    ham_threshold: float | list[float] = 0.5
+    ham_router_hidden: int = 64
+    ham_kv_target: float | list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_v_heads is None:
+            self.num_v_heads = self.num_heads
+        if self.attn is not None:
+            self.attn = {**ATTN_DEFAULTS, **self.attn}
+            if self.attn["num_kv_heads"] is None:
+                self.attn["num_kv_heads"] = self.attn.get("num_heads")
+        if self.layer_types is None:
+            attn_layers = set(self.attn.get("layers", [])) if self.attn else set()
+            default = "gdn" if self.model_type == "gated_deltanet" else "ham"
+            self.layer_types = [
+                "attn" if i in attn_layers else default for i in range(self.num_hidden_layers)
+            ]
+        else:
+            self.layer_types = list(self.layer_types)
+        if self.intermediate_size is None:
+            inter = int(self.hidden_size * self.hidden_ratio * 2 / 3)
+            self.intermediate_size = 256 * ((inter + 255) // 256)
+        self.validate()
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
+        """Build from a `config.json` dict; unknown keys are kept in `extra` with a warning."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in params.items() if k in names}
+        unknown = {k: v for k, v in params.items() if k not in names}
+        surprising = sorted(set(unknown) - IGNORED_FLA_FIELDS)
+        if surprising:
+            warnings.warn(f"config: ignoring unknown keys {surprising}", stacklevel=2)
+        return cls(**known, extra=unknown)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+    # Derived sizes (spec §2).
+    @property
+    def head_v_dim(self) -> int:
+        return int(self.head_dim * self.expand_v)
+
+    @property
+    def ham_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "ham"]
+
+    def layer_thresholds(self) -> list[float]:
+        """Initial threshold of every HAM layer, in layer order."""
+        n = len(self.ham_layers)
+        t = self.ham_threshold
+        return [float(x) for x in t] if isinstance(t, (list, tuple)) else [float(t)] * n
+
+    def layer_kv_targets(self) -> list[float] | None:
+        if self.ham_kv_target is None:
+            return None
+        t = self.ham_kv_target
+        n = len(self.ham_layers)
+        return [float(x) for x in t] if isinstance(t, (list, tuple)) else [float(t)] * n
+
+    def validate(self) -> None:
+        def fail(key: str, msg: str) -> None:
+            raise ConfigError(f"config: {key}={getattr(self, key, None)!r}: {msg}")
+
+        if self.model_type not in ("ham", "gated_deltanet"):
+            fail("model_type", "expected 'ham' (or FLA's 'gated_deltanet')")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                fail(key, "must be a positive integer")
+        if not isinstance(self.num_v_heads, int) or self.num_v_heads % self.num_heads:
+            fail("num_v_heads", f"must be a positive multiple of num_heads={self.num_heads}")
+        if self.head_v_dim <= 0 or self.head_dim * self.expand_v != self.head_v_dim:
+            fail("expand_v", "head_dim * expand_v must be a positive integer")
+        if not isinstance(self.conv_size, int) or self.conv_size < 1:
+            fail("conv_size", "must be an integer >= 1")
+        if not self.use_short_conv:
+            fail("use_short_conv", "only models with the short convolution are supported")
+        if self.output_gate_activation not in GATE_ACTIVATIONS:
+            fail("output_gate_activation", f"expected one of {GATE_ACTIVATIONS}")
+        if not self.norm_eps > 0:
+            fail("norm_eps", "must be > 0")
+        if len(self.layer_types) != self.num_hidden_layers:
+            fail("layer_types", f"needs {self.num_hidden_layers} entries (num_hidden_layers)")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            fail("layer_types", f"unknown layer type {bad[0]!r}; expected one of {LAYER_TYPES}")
+        if "attn" in self.layer_types:
+            self._validate_attn()
+        if self.ham_router not in ROUTERS:
+            fail("ham_router", f"expected one of {ROUTERS}")
+        if self.ham_router == "learned" and self.ham_router_hidden <= 0:
+            fail("ham_router_hidden", "must be a positive integer for the learned router")
+        n_ham = len(self.ham_layers)
+        if isinstance(self.ham_threshold, (list, tuple)) and len(self.ham_threshold) != n_ham:
+            fail("ham_threshold", f"a per-layer list needs one value per HAM layer ({n_ham})")
+        targets = self.layer_kv_targets() or []
+        if isinstance(self.ham_kv_target, (list, tuple)) and len(targets) != n_ham:
+            fail("ham_kv_target", f"a per-layer list needs one value per HAM layer ({n_ham})")
+        if any(not 0.0 <= t <= 1.0 for t in targets):
+            fail("ham_kv_target", "fractions must lie in [0, 1]")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v < self.vocab_size:
+                fail(key, f"must lie in [0, vocab_size={self.vocab_size})")
+        if self.intermediate_size <= 0:
+            fail("intermediate_size", "must be a positive integer")
+
+    def _validate_attn(self) -> None:
+        attn = self.attn
+        if not attn or "num_heads" not in attn:
+            raise ConfigError("config: layer_types has 'attn' layers but attn.num_heads is not set")
+        heads, kv_heads = attn["num_heads"], attn["num_kv_heads"]
+        if self.hidden_size % heads:
+            raise ConfigError(f"config: attn.num_heads={heads} must divide hidden_size")
+        if heads % kv_heads:
+            raise ConfigError(f"config: attn.num_kv_heads={kv_heads} must divide attn.num_heads")
+        if attn["qkv_bias"]:
+            raise ConfigError("config: attn.qkv_bias=True is not supported")
+        if attn.get("qk_norm"):
+            raise ConfigError("config: attn.qk_norm=True is not supported")
+        w = attn["window_size"]
+        if w is not None and (not isinstance(w, int) or w < 1):
+            raise ConfigError(f"config: attn.window_size={w!r} must be a positive integer or null")
+        if "layers" in attn:
+            declared = sorted(attn["layers"])
+            actual = [i for i, t in enumerate(self.layer_types) if t == "attn"]
+            if declared != actual:
+                raise ConfigError(
+                    f"config: attn.layers={declared} disagrees with layer_types (attn at {actual})"
+                )

@@ -1,0 +1,175 @@
+"""Text generation: chunked prefill, sampling, streaming, and HAM memory statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from ham_mlx.cache import kv_stats
+from ham_mlx.model import Model
+from ham_mlx.sample import make_logits_processors, make_sampler
+from ham_mlx.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed piece of text with the running statistics."""
+
+    text: str  # new text since the previous response
+    token: int | None  # the token just generated (None on the final flush)
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    kv: list[dict[str, Any]] = field(default_factory=list)  # kv_stats of the cache
+    finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens) or None
+
+    @property
+    def kv_fraction(self) -> list[float]:
+        """Admitted fraction of every HAM layer (mean over rows)."""
+        return [sum(s["kv_fraction"]) / max(len(s["kv_fraction"]), 1) for s in self.kv if s["type"] == "ham"]
+
+    def summary(self) -> str:
+        ham = [s for s in self.kv if s["type"] == "ham"]
+        kv_bytes = sum(s["kv_bytes"] for s in self.kv)
+        full = sum(s["full_kv_bytes"] for s in self.kv)
+        parts = [
+            f"prompt {self.prompt_tokens} tok {self.prompt_tps:.1f} tok/s",
+            f"generation {self.generation_tokens} tok {self.generation_tps:.1f} tok/s",
+            f"peak {self.peak_memory_gb:.3f} GB",
+        ]
+        if ham:
+            counts = "/".join(str(sum(s["admitted"])) for s in ham)
+            fracs = "/".join(f"{f:.2f}" for f in self.kv_fraction)
+            parts.append(f"admitted {counts} (fraction {fracs})")
+        if full:
+            parts.append(f"KV {kv_bytes / 1024:.1f} KiB vs full {full / 1024:.1f} KiB")
+        return " | ".join(parts)
+
+
+def generate_step(
+    model: Model,
+    prompt: Sequence[int],
+    cache: list[Any],
+    sampler: Callable[[mx.array], mx.array],
+    logits_processors: list[Callable[[mx.array, mx.array], mx.array]],
+    prefill_step_size: int = 512,
+) -> Iterator[tuple[int, float, float]]:
+    """Yield (token, prefill start, prefill end) forever; the prompt is fed in chunks."""
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size={prefill_step_size} must be >= 1")
+    tokens = mx.array(list(prompt), dtype=mx.int32)[None]  # [1, n]
+    start = time.perf_counter()
+    n = tokens.shape[1]
+    for i in range(0, n, prefill_step_size):
+        logits = model(tokens[:, i : i + prefill_step_size], cache)
+        mx.eval(logits, [c.state for c in cache])
+    logits = logits[:, -1, :]
+    prefill_end = time.perf_counter()
+    history = tokens
+    while True:
+        for proc in logits_processors:
+            logits = proc(history, logits)
+        y = sampler(logits)  # [1]
+        mx.eval(y)
+        token = int(y.item())
+        yield token, start, prefill_end
+        history = mx.concatenate([history, y.astype(mx.int32)[None]], axis=1)
+        logits = model(y.astype(mx.int32)[None], cache)[:, -1, :]
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+    seed: int | None = None,
+    threshold: float | list[float] | None = None,
+    kv_budget: float | list[float] | None = None,
+    max_kv_tokens: int | None = None,
+    kv_policy: str = "evict",
+    prefill_step_size: int = 512,
+    prompt_cache: list[Any] | None = None,
+) -> Iterator[GenerationResponse]:
+    """Generate from a prompt (text, or token ids), yielding pieces of text with statistics.
+
+    The HAM controls (ham-spec §7): `threshold` replaces the trained τ (lower keeps more tokens:
+    better recall, more memory), `kv_budget` holds a target admitted fraction by adapting τ online,
+    `max_kv_tokens` caps each layer's cache (`kv_policy` "evict" drops the lowest-scoring entries,
+    "reject" refuses new tokens once full).
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt):
+        raise ValueError("the prompt is empty: give at least one token of text")
+    vocab = model.args.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 0")
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temperature, top_p, top_k, min_p)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size)
+    cache = prompt_cache
+    if cache is None:
+        cache = model.make_cache(threshold, kv_budget, max_kv_tokens, kv_policy)
+    mx.reset_peak_memory()
+    detok = tokenizer.detokenizer()
+    eos = tokenizer.eos_id
+
+    def response(text: str, token: int | None, n: int, start: float, t0: float, reason):
+        prefill = t0 - start
+        elapsed = time.perf_counter() - t0
+        return GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=len(ids),
+            prompt_tps=len(ids) / prefill if prefill > 0 else 0.0,
+            generation_tokens=n,
+            generation_tps=n / elapsed if elapsed > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            kv=kv_stats(cache),
+            finish_reason=reason,
+        )
+
+    steps = generate_step(model, ids, cache, sampler, processors, prefill_step_size)
+    if max_tokens == 0:
+        _, start, t0 = next(steps)
+        yield response("", None, 0, start, t0, "length")
+        return
+    for n, (token, start, t0) in enumerate(steps, start=1):
+        if token == eos:
+            yield response(detok.finalize(), token, n, start, t0, "stop")
+            return
+        text = detok.add_token(token)
+        if n >= max_tokens:
+            yield response(text + detok.finalize(), token, n, start, t0, "length")
+            return
+        yield response(text, token, n, start, t0, None)
+
+
+def generate(
+    model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], verbose: bool = False, **kwargs
+) -> str:
+    """Generate text for a prompt; `kwargs` are those of `stream_generate`."""
+    pieces = []
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        pieces.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print("\n" + last.summary())
+    return "".join(pieces)

@@ -1,0 +1,169 @@
+"""The language model: embeddings, pre-norm blocks of (mixer, SwiGLU MLP), final norm, head (spec §5).
+
+Follows mlx-lm's model contract: `Model(args)(inputs [B, L], cache) -> logits [B, L, V]`,
+`model.layers`, `model.make_cache()`, an idempotent `model.sanitize(weights)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ham_mlx.cache import AttnCache, GDNCache, HAMCache
+from ham_mlx.config import ModelArgs
+from ham_mlx.layers.attention import Attention
+from ham_mlx.layers.gdn import GatedDeltaNet
+from ham_mlx.layers.ham import HAMAttention
+
+FP32_PARAMS = ("A_log", "dt_bias", "threshold")  # kept in float32 whatever the model dtype
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_type: str, threshold: float | None):
+        super().__init__()
+        self.layer_type = layer_type
+        self.attn_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        if layer_type == "ham":
+            self.attn = HAMAttention(args, threshold)
+        elif layer_type == "gdn":
+            self.attn = GatedDeltaNet(args)
+        else:
+            self.attn = Attention(args)
+        self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
+
+    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
+        x = x + self.attn(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        thresholds = iter(args.layer_thresholds())
+        self.layers = [
+            Block(args, t, next(thresholds) if t == "ham" else None) for t in args.layer_types
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        h = self.embeddings(inputs)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.check_token_ids = True  # the trainer turns this off inside compiled steps
+
+    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, V]."""
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs.shape}")
+        if inputs.shape[1] == 0:
+            raise ValueError("inputs are empty: at least one token is needed")
+        if self.check_token_ids:
+            lo, hi = mx.min(inputs).item(), mx.max(inputs).item()
+            if lo < 0 or hi >= self.args.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range [0, {self.args.vocab_size})")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
+        h = self.model(inputs, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embeddings.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.model.layers
+
+    @property
+    def ham_layers(self) -> list[HAMAttention]:
+        return [b.attn for b in self.layers if b.layer_type == "ham"]
+
+    def make_cache(
+        self,
+        threshold: float | list[float] | None = None,
+        kv_budget: float | list[float] | None = None,
+        max_kv_tokens: int | None = None,
+        kv_policy: str = "evict",
+    ) -> list[Any]:
+        """One cache per layer. The controls (spec §7) apply to the HAM layers:
+
+        threshold: one τ for all HAM layers or one per HAM layer, instead of the trained τ;
+        kv_budget: a target admitted fraction (one, or one per HAM layer), τ adapts online;
+        max_kv_tokens: a cap per layer and row; kv_policy "evict" (lowest score first) or "reject".
+        """
+        n_ham = len(self.ham_layers)
+        thresholds = per_layer(threshold, n_ham, "threshold")
+        budgets = per_layer(kv_budget, n_ham, "kv_budget")
+        caches: list[Any] = []
+        i = 0
+        for b in self.layers:
+            if b.layer_type == "ham":
+                caches.append(HAMCache(thresholds[i], budgets[i], max_kv_tokens, kv_policy))
+                i += 1
+            elif b.layer_type == "gdn":
+                caches.append(GDNCache())
+            else:
+                caches.append(AttnCache(window=b.attn.window))
+        return caches
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map checkpoint weights to this model's layout; applying it twice changes nothing."""
+        out = {}
+        for key, w in weights.items():
+            if "rotary" in key or key.endswith("inv_freq"):
+                continue
+            if self.args.tie_word_embeddings and key == "lm_head.weight":
+                continue
+            if "conv1d.weight" in key and w.ndim == 3 and w.shape[1] == 1 and w.shape[2] != 1:
+                w = w.transpose(0, 2, 1)  # torch [C, 1, Kc] -> MLX [C, Kc, 1]
+            if key.split(".")[-1] in FP32_PARAMS:
+                w = w.astype(mx.float32)
+            out[key] = w
+        return out
+
+    def cast(self, dtype: mx.Dtype) -> Model:
+        """Cast floating parameters to dtype, keeping A_log, dt_bias and threshold in float32."""
+        self.set_dtype(dtype)
+        for layer in self.layers:
+            for name in FP32_PARAMS:
+                if name in layer.attn:
+                    layer.attn[name] = layer.attn[name].astype(mx.float32)
+        return self
+
+    def thresholds(self) -> list[float]:
+        return [float(m.threshold) for m in self.ham_layers]
+
+
+def per_layer(value: Any, n: int, name: str) -> list[Any]:
+    """One value per HAM layer from a scalar, a list of n, or None."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} values given for {n} HAM layers")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,166 @@
+"""Model folders: `config.json`, `model.safetensors` (or shards + index), `tokenizer.model`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ham_mlx.config import ModelArgs
+from ham_mlx.model import Model
+from ham_mlx.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.model"
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A model folder or weight file that cannot be loaded."""
+
+
+def read_config(path: str | Path) -> ModelArgs:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (is {path} a model folder?)")
+    try:
+        params = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    try:
+        return ModelArgs.from_dict(params)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from e
+
+
+def read_weights(path: str | Path) -> dict[str, mx.array]:
+    """All tensors of a folder's `model.safetensors` or of the shards its index names."""
+    path = Path(path)
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
+        files = sorted(set(weight_map.values()))
+    elif (path / WEIGHTS).is_file():
+        files = [WEIGHTS]
+    else:
+        raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}")
+    weights: dict[str, mx.array] = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard named by {INDEX} is missing")
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
+    return weights
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:
+    """Every parameter present with its shape, and nothing else."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        raise CheckpointError(f"{source}: missing weight {missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected weight {unexpected[0]!r}")
+    for key, w in weights.items():
+        if tuple(w.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: weight {key!r} has shape {tuple(w.shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
+
+
+def load_model(path: str | Path) -> Model:
+    args = read_config(path)
+    model = Model(args)
+    weights = model.sanitize(read_weights(path))
+    check_weights(model, weights, str(path))
+    model.load_weights(list(weights.items()))
+    mx.eval(model.parameters())
+    return model
+
+
+def load(path: str | Path) -> tuple[Model, Tokenizer]:
+    """Load a model folder: (model, tokenizer)."""
+    model = load_model(path)
+    tok_file = Path(path) / TOKENIZER
+    if not tok_file.is_file():
+        raise CheckpointError(f"{tok_file}: not found; a model folder needs its tokenizer")
+    tokenizer = Tokenizer.from_file(tok_file)
+    if tokenizer.vocab_size > model.args.vocab_size:
+        raise CheckpointError(
+            f"{tok_file}: {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{model.args.vocab_size}"
+        )
+    return model, tokenizer
+
+
+def shard(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for key, w in weights.items():
+        if shards[-1] and size + w.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = w
+        size += w.nbytes
+    return shards
+
+
+def save_model(
+    model: Model,
+    path: str | Path,
+    tokenizer: Tokenizer | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model folder atomically (a temporary folder beside it, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = {**model.args.to_dict(), **(extra_config or {})}
+        config["ham_threshold"] = model.thresholds() or config["ham_threshold"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        weights = dict(tree_flatten(model.parameters()))
+        shards = shard(weights, max_shard_bytes)
+        meta = {"format": "mlx"}
+        if len(shards) == 1:
+            mx.save_safetensors(str(tmp / WEIGHTS), shards[0], metadata=meta)
+        else:
+            weight_map = {}
+            for i, part in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                mx.save_safetensors(str(tmp / name), part, metadata=meta)
+                weight_map.update({k: name for k in part})
+            total = sum(w.nbytes for w in weights.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
