@@ -70,7 +70,10 @@ class AttnCache:
             keys = mx.concatenate([self.keys[:, :, : self.fill], k], axis=2)
             values = mx.concatenate([self.values[:, :, : self.fill], v], axis=2)
         keep = keys.shape[2] if self.window is None else min(keys.shape[2], self.window - 1)
-        self.keys, self.values = keys[:, :, keys.shape[2] - keep :], values[:, :, keys.shape[2] - keep :]
+        self.keys, self.values = (
+            keys[:, :, keys.shape[2] - keep :],
+            values[:, :, keys.shape[2] - keep :],
+        )
         self.fill = keep
         self.offset += L
         return keys, values
@@ -353,15 +356,19 @@ def kv_stats(cache: list[Any]) -> list[dict[str, Any]]:
         elif isinstance(c, AttnCache):
             rows = 0 if c.keys is None else c.keys.shape[0]
             admitted = [c.fill] * rows
-            per_token = 0 if c.keys is None else 2 * c.keys.shape[1] * c.keys.shape[3] * c.keys.itemsize
+            per_token = (
+                0 if c.keys is None else 2 * c.keys.shape[1] * c.keys.shape[3] * c.keys.itemsize
+            )
             kind, seen = "attn", c.offset
             kv_bytes = rows * c.fill * per_token
             full = rows * seen * per_token
         else:
             kind, seen, admitted, kv_bytes, full = "gdn", c.offset, [], 0, 0
         fraction = [a / seen for a in admitted] if seen else [0.0 for _ in admitted]
-        state_bytes = 0 if getattr(c, "ssm", None) is None else c.ssm.nbytes + (
-            c.conv.nbytes if c.conv is not None else 0
+        state_bytes = (
+            0
+            if getattr(c, "ssm", None) is None
+            else c.ssm.nbytes + (c.conv.nbytes if c.conv is not None else 0)
         )
         stats.append({
             "type": kind, "admitted": admitted, "seen": seen, "kv_fraction": fraction,

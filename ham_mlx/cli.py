@@ -106,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="target fraction of tokens kept per HAM layer; τ adapts online to hold it",
     )  # fmt: skip
     g.add_argument("--max-kv-tokens", type=int, default=None, help="hard cap per HAM layer")
-    g.add_argument("--kv-policy", choices=("evict", "reject"), default="evict",
-                   help="when the cap is reached: evict the lowest score, or reject new tokens")  # fmt: skip
+    g.add_argument(
+        "--kv-policy", choices=("evict", "reject"), default="evict",
+        help="when the cap is reached: evict the lowest score, or reject new tokens",
+    )  # fmt: skip
     g.add_argument("--prefill-step-size", type=int, default=512, help="prompt chunk size (512)")
     g.set_defaults(func=cmd_generate)
 

@@ -10,7 +10,12 @@ from typing import Any
 LAYER_TYPES = ("ham", "gdn", "attn")
 ROUTERS = ("cosine", "l2", "learned")
 GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
-ATTN_DEFAULTS = {"num_kv_heads": None, "qkv_bias": False, "window_size": None, "rope_theta": 10000.0}
+ATTN_DEFAULTS = {
+    "num_kv_heads": None,
+    "qkv_bias": False,
+    "window_size": None,
+    "rope_theta": 10000.0,
+}
 # Fields of FLA configs that do not change the math of a forward pass.
 IGNORED_FLA_FIELDS = {
     "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "use_l2warp",

@@ -32,7 +32,11 @@ class GenerationResponse:
     @property
     def kv_fraction(self) -> list[float]:
         """Admitted fraction of every HAM layer (mean over rows)."""
-        return [sum(s["kv_fraction"]) / max(len(s["kv_fraction"]), 1) for s in self.kv if s["type"] == "ham"]
+        return [
+            sum(s["kv_fraction"]) / max(len(s["kv_fraction"]), 1)
+            for s in self.kv
+            if s["type"] == "ham"
+        ]
 
     def summary(self) -> str:
         ham = [s for s in self.kv if s["type"] == "ham"]

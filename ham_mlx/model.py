@@ -1,4 +1,4 @@
-"""The language model: embeddings, pre-norm blocks of (mixer, SwiGLU MLP), final norm, head (spec §5).
+"""The language model: embeddings, pre-norm blocks (mixer, SwiGLU MLP), norm, head (spec §5).
 
 Follows mlx-lm's model contract: `Model(args)(inputs [B, L], cache) -> logits [B, L, V]`,
 `model.layers`, `model.make_cache()`, an idempotent `model.sanitize(weights)`.

@@ -38,7 +38,9 @@ def test_greedy_generation_matches_recomputation(loaded):
     model, tok = loaded
     prompt = "Shall I compare thee to a summer's day?"
     ids = tok.encode(prompt)
-    tokens = [r.token for r in stream_generate(model, tok, prompt, max_tokens=12, prefill_step_size=5)]
+    tokens = [
+        r.token for r in stream_generate(model, tok, prompt, max_tokens=12, prefill_step_size=5)
+    ]
     expected = greedy_without_cache(model, ids, 12)
     eos = tok.eos_id
     if eos in expected:
@@ -48,7 +50,9 @@ def test_greedy_generation_matches_recomputation(loaded):
 
 def test_stream_pieces_make_the_text_and_carry_statistics(loaded):
     model, tok = loaded
-    pieces = list(stream_generate(model, tok, "Now is the winter", max_tokens=20, temperature=0.8, seed=3))
+    pieces = list(
+        stream_generate(model, tok, "Now is the winter", max_tokens=20, temperature=0.8, seed=3)
+    )
     text = "".join(p.text for p in pieces)
     assert text == generate(model, tok, "Now is the winter", max_tokens=20, temperature=0.8, seed=3)
     last = pieces[-1]
@@ -94,8 +98,9 @@ def test_kv_budget_and_cap_on_a_long_generation(loaded):
 
 
 def test_cli_generate_and_info(folder, capsys):
-    assert main(["generate", "--model", str(folder), "--prompt", "Friends, Romans", "--max-tokens", "8",
-                 "--threshold", "0.3,0.7", "--seed", "1", "--temp", "0.7"]) == 0  # fmt: skip
+    argv = ["generate", "--model", str(folder), "--prompt", "Friends, Romans", "--max-tokens", "8",
+            "--threshold", "0.3,0.7", "--seed", "1", "--temp", "0.7"]  # fmt: skip
+    assert main(argv) == 0
     out = capsys.readouterr()
     assert out.out.strip() != "" and "admitted" in out.err and "KV" in out.err
     assert main(["info", str(folder)]) == 0
@@ -111,7 +116,7 @@ def test_console_script_init_then_generate(tmp_path):
     exe = [sys.executable, "-m", "ham_mlx.cli"]
     subprocess.run([*exe, "init", str(tmp_path / "m"), "--preset", "tiny"], check=True, env=env)
     run = subprocess.run(
-        [*exe, "generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-tokens", "5"],
+        [*exe, "generate", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--max-tokens", "5"],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     assert "generation 5 tok" in run.stderr

@@ -72,7 +72,12 @@ def test_gradients_are_finite_and_match_finite_differences(router):
             model.update(tree_unflatten([(key, mx.array(w))]))
             numeric = (values[0] - values[1]) / (2 * eps)
             analytic = float(np.array(grads[key])[idx])
-            assert abs(numeric - analytic) <= 2e-3 + 3e-2 * abs(numeric), (key, idx, numeric, analytic)
+            assert abs(numeric - analytic) <= 2e-3 + 3e-2 * abs(numeric), (
+                key,
+                idx,
+                numeric,
+                analytic,
+            )
 
 
 def copy_batch(rng, B=16, n=8, vocab=16):

@@ -16,8 +16,12 @@ CONFIGS = {
     "ham-learned": (("ham",), {"ham_router": "learned", "ham_threshold": 0.52}),
     "ham-gva-negeig-sigmoid": (
         ("ham",),
-        {"num_v_heads": 4, "allow_neg_eigval": True, "output_gate_activation": "sigmoid",
-         "ham_threshold": 0.7},
+        {
+            "num_v_heads": 4,
+            "allow_neg_eigval": True,
+            "output_gate_activation": "sigmoid",
+            "ham_threshold": 0.7,
+        },
     ),  # fmt: skip
     "ham-conv1-nogate": (("ham",), {"conv_size": 1, "use_gate": False}),
     "gdn": (("gdn",), {}),
@@ -25,7 +29,13 @@ CONFIGS = {
     "attn-window": (("attn",), {"attn": {"num_heads": 2, "num_kv_heads": 1, "window_size": 5}}),
     "mixed": (("ham", "gdn", "attn", "ham"), {}),
 }
-CHUNKINGS = {"whole": [T], "tokens": [1] * T, "5-11-8": [5, 11, 8], "16-8": [16, 8], "3-1-20": [3, 1, 20]}
+CHUNKINGS = {
+    "whole": [T],
+    "tokens": [1] * T,
+    "5-11-8": [5, 11, 8],
+    "16-8": [16, 8],
+    "3-1-20": [3, 1, 20],
+}
 
 
 def run_chunks(model, ids, sizes):

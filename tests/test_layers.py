@@ -14,16 +14,22 @@ CASES = {
     "cosine": {},
     "l2": {"ham_router": "l2", "ham_threshold": 0.95},
     "learned": {"ham_router": "learned", "ham_threshold": 0.52},
-    "gva-negeig-sigmoid": {"num_v_heads": 4, "allow_neg_eigval": True,
-                           "output_gate_activation": "sigmoid", "ham_threshold": 0.7},  # fmt: skip
+    "gva-negeig-sigmoid": {
+        "num_v_heads": 4,
+        "allow_neg_eigval": True,
+        "output_gate_activation": "sigmoid",
+        "ham_threshold": 0.7,
+    },  # fmt: skip
     "no-gate": {"use_gate": False},
 }
 
 
 def ref_cfg(model):
     a = model.args
-    return dict(H=a.num_heads, HV=a.num_v_heads, Dk=a.head_dim, Dv=a.head_v_dim, eps=a.norm_eps,
-                neg_eig=a.allow_neg_eigval, gate_act=a.output_gate_activation, router=a.ham_router)  # fmt: skip
+    return dict(
+        H=a.num_heads, HV=a.num_v_heads, Dk=a.head_dim, Dv=a.head_v_dim, eps=a.norm_eps,
+        neg_eig=a.allow_neg_eigval, gate_act=a.output_gate_activation, router=a.ham_router,
+    )  # fmt: skip
 
 
 def inputs(seed=0, B=2, T=20, D=32):
@@ -80,7 +86,9 @@ def test_threshold_above_two_is_a_gdn_layer(name):
     ham = model.layers[0].attn
     ham.threshold = mx.array(2.01)
     gdn = GatedDeltaNet(model.args)
-    shared = {k: v for k, v in tree_flatten(ham.parameters()) if k in dict(tree_flatten(gdn.parameters()))}
+    shared = {
+        k: v for k, v in tree_flatten(ham.parameters()) if k in dict(tree_flatten(gdn.parameters()))
+    }
     gdn.load_weights(list(shared.items()))
     x = mx.array(inputs(3))
     cache = model.make_cache()[0]

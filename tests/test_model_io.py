@@ -50,7 +50,9 @@ def test_sanitize_is_idempotent_and_maps_torch_conv_layout():
         torch_like[k] = weights[k].transpose(0, 2, 1)  # [C, 1, Kc]
     torch_like["lm_head.weight"] = weights["model.embeddings.weight"]
     torch_like["model.layers.1.attn.rotary.inv_freq"] = mx.ones((4,))
-    torch_like["model.layers.0.attn.A_log"] = weights["model.layers.0.attn.A_log"].astype(mx.float16)
+    torch_like["model.layers.0.attn.A_log"] = weights["model.layers.0.attn.A_log"].astype(
+        mx.float16
+    )
     once = model.sanitize(torch_like)
     twice = model.sanitize(once)
     assert once.keys() == twice.keys() == weights.keys()

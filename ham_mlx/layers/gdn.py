@@ -25,7 +25,8 @@ class Recurrence(NamedTuple):
 
 
 def init_decay_params(n: int) -> tuple[mx.array, mx.array]:
-    """FLA's init: A ~ U(0, 16) (here U(1, 16)), dt log-uniform in [1e-3, 0.1], dt_bias = softplus^-1(dt)."""
+    """A_log, dt_bias as FLA initialises them (A ~ U(1, 16) here; dt log-uniform in [1e-3, 0.1],
+    dt_bias = softplus^-1(dt))."""
     A = mx.random.uniform(1.0, 16.0, (n,))
     dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(0.1), (n,)))
     dt = mx.maximum(dt, 1e-4)
@@ -72,7 +73,9 @@ class GatedDeltaNet(nn.Module):
         k = l2norm(k.reshape(B, L, H, Dk))
         v = v.reshape(B, L, HV, Dv)
         a = self.a_proj(x).astype(mx.float32)  # [B, L, HV]
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(a + self.dt_bias.astype(mx.float32))
+        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
+            a + self.dt_bias.astype(mx.float32)
+        )
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
