@@ -1,9 +1,11 @@
+import ham_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx.core)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-import ham_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
 from ham_mlx import Model, ModelArgs
 
 ATTN = {"num_heads": 2, "num_kv_heads": 1, "rope_theta": 10000.0}

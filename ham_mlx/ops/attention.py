@@ -1,0 +1,98 @@
+"""Softmax attention over admitted tokens with a learned sink (spec §4.3).
+
+Logit of query t and key s in head n: `exp(log_scale[n]) * (q_t · k_s)` (+ `key_bias[s]`). The sink
+logit `sink[n]` joins the softmax denominator with a zero value, so a query with no allowed key
+returns exactly 0. Layout `[B, N, T, D]`; N = HV (the caller repeats q/k heads for GVA).
+"""
+
+import mlx.core as mx
+import numpy as np
+
+
+def masked_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    mask: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+) -> mx.array:
+    """Attention of q `[B, N, Tq, Dk]` over k `[B, N, Tk, Dk]`, v `[B, N, Tk, Dv]`.
+
+    mask: bool, broadcastable to `[B, N, Tq, Tk]`, True = may attend. log_scale, sink: `[N]`.
+    key_bias `[B, Tk]` (the learned router's log r_s) is added to the logits of key s.
+    Returns `[B, N, Tq, Dv]` in q's dtype.
+    """
+    q = q * mx.exp(log_scale.astype(mx.float32)).astype(q.dtype)[:, None, None]
+    if key_bias is not None:
+        # Finite fill: a fully masked row then ties at a huge negative logit that the sink beats.
+        fill = -0.5 * mx.finfo(q.dtype).max
+        mask = mx.where(mask, key_bias[:, None, None, :].astype(q.dtype), fill).astype(q.dtype)
+    return mx.fast.scaled_dot_product_attention(
+        q, k, v, scale=1.0, mask=mask, sinks=sink.astype(q.dtype)
+    )
+
+
+def admitted_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    admitted: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+    offset: int = 0,
+) -> mx.array:
+    """Causal attention over admitted keys (prefill and training).
+
+    q `[B, N, Tq, Dk]`; k `[B, N, Tk, Dk]`, v `[B, N, Tk, Dv]` with Tk = offset + Tq (the last Tq
+    keys are the queries' own tokens); admitted bool `[B, Tk]`. Query i (position offset + i)
+    may attend key s iff s <= offset + i and admitted[b, s]. Returns `[B, N, Tq, Dv]`.
+    """
+    Tq, Tk = q.shape[2], k.shape[2]
+    causal = mx.arange(Tk)[None, :] <= (offset + mx.arange(Tq))[:, None]  # [Tq, Tk]
+    mask = causal & admitted[:, None, None, :]  # [B, 1, Tq, Tk]
+    return masked_attention(q, k, v, mask, log_scale, sink, key_bias)
+
+
+def cache_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    counts: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+) -> mx.array:
+    """Decode over a compact cache: k `[B, N, C, Dk]`, v `[B, N, C, Dv]`, counts `[B]`.
+
+    Slot j of row b is valid iff j < counts[b]; every query in q `[B, N, Tq, Dk]` sees all valid
+    slots. Returns `[B, N, Tq, Dv]`.
+    """
+    valid = mx.arange(k.shape[2])[None, :] < counts[:, None]  # [B, C]
+    return masked_attention(q, k, v, valid[:, None, None, :], log_scale, sink)
+
+
+def attention_reference(q, k, v, mask, log_scale, sink, key_bias=None) -> np.ndarray:
+    """Slow float64 twin of `masked_attention`: loops over batch, head and query, gathers the
+    allowed keys and appends the sink logit with a zero value. Returns numpy `[B, N, Tq, Dv]`."""
+
+    def f64(x):
+        return np.array(x.astype(mx.float32) if isinstance(x, mx.array) else x, dtype=np.float64)
+
+    q, k, v, log_scale, sink = (f64(x) for x in (q, k, v, log_scale, sink))
+    B, N, Tq, _ = q.shape
+    Tk, Dv = k.shape[2], v.shape[3]
+    mask = np.broadcast_to(np.array(mask, dtype=bool), (B, N, Tq, Tk))
+    bias = np.zeros((B, Tk)) if key_bias is None else f64(key_bias)
+    out = np.zeros((B, N, Tq, Dv))
+    for b in range(B):
+        for n in range(N):
+            for i in range(Tq):
+                keys = np.flatnonzero(mask[b, n, i])
+                logits = np.exp(log_scale[n]) * (k[b, n, keys] @ q[b, n, i]) + bias[b, keys]
+                logits = np.append(logits, sink[n])
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                out[b, n, i] = p[:-1] @ v[b, n, keys]  # the sink's value is zero
+    return out
