@@ -1,7 +1,7 @@
 """Generate with a HAM model from Python and look at what each layer kept in its KV cache.
 
-    python examples/generate_and_inspect.py --model models/tiny
-    python examples/generate_and_inspect.py --model models/tiny --kv-budget 0.1
+python examples/generate_and_inspect.py --model models/tiny
+python examples/generate_and_inspect.py --model models/tiny --kv-budget 0.1
 """
 
 import argparse

@@ -83,7 +83,8 @@ def generate_step(
         mx.eval(y)
         token = int(y.item())
         yield token, start, prefill_end
-        history = mx.concatenate([history, y.astype(mx.int32)[None]], axis=1)
+        if logits_processors:
+            history = mx.concatenate([history, y.astype(mx.int32)[None]], axis=1)
         logits = model(y.astype(mx.int32)[None], cache)[:, -1, :]
 
 

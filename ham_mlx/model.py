@@ -85,7 +85,7 @@ class Model(nn.Module):
         if inputs.shape[1] == 0:
             raise ValueError("inputs are empty: at least one token is needed")
         if self.check_token_ids:
-            lo, hi = mx.min(inputs).item(), mx.max(inputs).item()
+            lo, hi = mx.stack([mx.min(inputs), mx.max(inputs)]).tolist()
             if lo < 0 or hi >= self.args.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range [0, {self.args.vocab_size})")

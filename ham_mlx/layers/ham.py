@@ -10,7 +10,7 @@ import mlx.nn as nn
 from ham_mlx.cache import HAMCache
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.gdn import GatedDeltaNet
-from ham_mlx.ops.attention import masked_attention
+from ham_mlx.ops.attention import admitted_attention
 
 EPS = 1e-6
 
@@ -73,15 +73,14 @@ class HAMAttention(GatedDeltaNet):
         q = rec.q.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         k = rec.k.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         v = rec.v.transpose(0, 2, 1, 3)  # [B, HV, L, Dv]
-        mask = mx.tril(mx.ones((L, L), dtype=mx.bool_)) & admitted[:, None, None, :]  # [B,1,L,L]
-        keys, values, key_score = k, v, score
+        # Keys: the cached entries (n slots, valid below each row's count), then the new tokens.
+        keys, values, key_score, key_admitted, n = k, v, score, admitted, 0
         past = cache.fetch() if cache is not None else None
         if past is not None:
             pk, pv, ps, count = past  # [B,H,n,Dk], [B,HV,n,Dv], [B,n], [B]
             n = pk.shape[2]
             valid = mx.arange(n)[None, :] < count[:, None]  # [B, n]
-            valid = mx.broadcast_to(valid[:, None, None, :], (B, 1, L, n))
-            mask = mx.concatenate([valid, mask], axis=-1)
+            key_admitted = mx.concatenate([valid, admitted], axis=1)
             keys = mx.concatenate([pk, k], axis=2)
             values = mx.concatenate([pv, v], axis=2)
             key_score = mx.concatenate([ps, score], axis=1)
@@ -90,8 +89,8 @@ class HAMAttention(GatedDeltaNet):
             key_bias = mx.log(mx.maximum(key_score, EPS))  # the router's gradient path
         if HV != H:
             q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
-        o_kv = masked_attention(
-            q, keys, values, mask, self.attn_log_scale, self.attn_sink, key_bias
+        o_kv = admitted_attention(
+            q, keys, values, key_admitted, self.attn_log_scale, self.attn_sink, key_bias, offset=n
         )  # [B, HV, L, Dv]
         if cache is not None:
             cache.append(k, v, mx.stop_gradient(score), admitted)
