@@ -143,6 +143,7 @@ class HAMCache(GDNCache):
         self.count: mx.array | None = None  # [B] int32 admitted entries per row
         self.n_max = 0  # max(count) as of the last settle
         self._pending: tuple[mx.array, mx.array] | None = None  # last call's (score, admitted)
+        self._appended = 0  # tokens appended since the last settle (bounds the new counts)
 
     # ---- host bookkeeping -------------------------------------------------------------------
     def settle(self) -> None:
@@ -159,6 +160,7 @@ class HAMCache(GDNCache):
             self._evict(counts, cap)
             counts = np.minimum(counts, cap)
         self.n_max = int(counts.max())
+        self._appended = 0
 
     def _evict(self, counts: np.ndarray, cap: int) -> None:
         """Keep each row's `cap` highest-scoring entries (older first on ties), in slot order."""
@@ -198,12 +200,14 @@ class HAMCache(GDNCache):
         return admitted & (total <= self.max_kv_tokens)
 
     # ---- the buffer ---------------------------------------------------------------------------
-    def fetch(self) -> tuple[mx.array, mx.array, mx.array, mx.array] | None:
-        """(keys [B,H,n,Dk], values [B,HV,n,Dv], scores [B,n], count [B]) for n = max count."""
-        if self.count is None or self.n_max == 0:
-            return None
-        n = self.n_max
-        return self.keys[:, :, :n], self.values[:, :, :n], self.scores[:, :n], self.count
+    def fetch(self) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+        """After `append`: keys [B,H,n,Dk], values [B,HV,n,Dv], scores [B,n], positions [B,n],
+        count [B], where n bounds every row's count (slots at or past a row's count are unused)."""
+        n = self.n_max + self._appended
+        return (
+            self.keys[:, :, :n], self.values[:, :, :n], self.scores[:, :n],
+            self.positions[:, :n], self.count,
+        )  # fmt: skip
 
     def append(self, k: mx.array, v: mx.array, score: mx.array, admitted: mx.array) -> None:
         """Store the admitted tokens. k [B,H,L,Dk], v [B,HV,L,Dv], score/admitted [B,L]."""
@@ -212,15 +216,15 @@ class HAMCache(GDNCache):
         if self.count is None:
             self.count = mx.zeros((B,), dtype=mx.int32)
         alloc = 0 if self.keys is None else self.keys.shape[2]
-        need = self.n_max + L + 1  # + the scratch slot
+        need = self.n_max + self._appended + L + 1  # + the scratch slot
         if need > alloc:
             new = self.step * ((need + self.step - 1) // self.step)
             keys = mx.zeros((B, H, new, Dk), dtype=k.dtype)
             values = mx.zeros((B, HV, new, Dv), dtype=v.dtype)
             positions = mx.zeros((B, new), dtype=mx.int32)
             scores = mx.zeros((B, new), dtype=mx.float32)
-            if self.n_max:
-                n = self.n_max
+            n = self.n_max + self._appended
+            if n:
                 keys[:, :, :n] = self.keys[:, :, :n]
                 values[:, :, :n] = self.values[:, :, :n]
                 positions[:, :n] = self.positions[:, :n]
@@ -236,6 +240,7 @@ class HAMCache(GDNCache):
         self.scores = mx.put_along_axis(self.scores, slot, score.astype(mx.float32), axis=1)
         self.count = self.count + a.sum(axis=1)
         self.offset += L
+        self._appended += L
         self._pending = (score, admitted)
 
     # ---- protocol -----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import mlx.nn as nn
 from ham_mlx.cache import HAMCache
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.gdn import GatedDeltaNet
-from ham_mlx.ops.attention import admitted_attention
+from ham_mlx.ops.attention import admitted_attention, cached_admitted_attention, gated_output
 
 EPS = 1e-6
 
@@ -73,34 +73,24 @@ class HAMAttention(GatedDeltaNet):
         q = rec.q.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         k = rec.k.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         v = rec.v.transpose(0, 2, 1, 3)  # [B, HV, L, Dv]
-        # Keys: the cached entries (n slots, valid below each row's count), then the new tokens.
-        keys, values, key_score, key_admitted, n = k, v, score, admitted, 0
-        past = cache.fetch() if cache is not None else None
-        if past is not None:
-            pk, pv, ps, count = past  # [B,H,n,Dk], [B,HV,n,Dv], [B,n], [B]
-            n = pk.shape[2]
-            valid = mx.arange(n)[None, :] < count[:, None]  # [B, n]
-            key_admitted = mx.concatenate([valid, admitted], axis=1)
-            keys = mx.concatenate([pk, k], axis=2)
-            values = mx.concatenate([pv, v], axis=2)
-            key_score = mx.concatenate([ps, score], axis=1)
-        key_bias = None
-        if self.router_kind == "learned":
-            key_bias = mx.log(mx.maximum(key_score, EPS))  # the router's gradient path
-        if HV != H:
-            q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
-        o_kv = admitted_attention(
-            q, keys, values, key_admitted, self.attn_log_scale, self.attn_sink, key_bias, offset=n
-        )  # [B, HV, L, Dv]
-        if cache is not None:
+        gate = self.kv_gate_proj(x)  # [B, L, HV]
+        learned = self.router_kind == "learned"
+        if cache is None:  # training / one-shot forward: masked attention over the sequence
+            key_bias = mx.log(mx.maximum(score, EPS)) if learned else None  # router's gradient
+            if HV != H:
+                q, k = mx.repeat(q, HV // H, axis=1), mx.repeat(k, HV // H, axis=1)
+            o_kv = admitted_attention(
+                q, k, v, admitted, self.attn_log_scale, self.attn_sink, key_bias
+            )  # [B, HV, L, Dv]
+            kv_out = gated_output(o_kv, gate, self.kv_norm.weight, self.norm_eps)
+        else:  # store the admitted tokens, then attend over the compact cache only
+            q_pos = mx.arange(cache.offset, cache.offset + L)
             cache.append(k, v, mx.stop_gradient(score), admitted)
-
-        r = self.rnn_output(x, rec.o)  # [B, L, HV, Dv]
-        o_kv = mx.fast.rms_norm(
-            o_kv.transpose(0, 2, 1, 3).astype(mx.float32),
-            self.kv_norm.weight.astype(mx.float32),
-            self.norm_eps,
-        )
-        kv_gate = mx.sigmoid(self.kv_gate_proj(x).astype(mx.float32))[..., None]  # [B, L, HV, 1]
-        y = r + kv_gate * o_kv
+            keys, values, scores, positions, count = cache.fetch()
+            key_bias = mx.log(mx.maximum(scores, EPS)) if learned else None
+            kv_out = cached_admitted_attention(
+                q, keys, values, count, positions, q_pos, self.attn_log_scale, self.attn_sink,
+                key_bias, gate, self.kv_norm.weight, self.norm_eps,
+            )  # fmt: skip
+        y = self.rnn_output(x, rec.o) + kv_out  # [B, L, HV, Dv]
         return self.o_proj(y.astype(x.dtype).reshape(B, L, -1))

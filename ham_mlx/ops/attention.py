@@ -73,6 +73,67 @@ def cache_attention(
     return masked_attention(q, k, v, valid[:, None, None, :], log_scale, sink)
 
 
+def compact_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    counts: mx.array,
+    key_positions: mx.array,
+    query_positions: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+) -> mx.array:
+    """Attention over a compact cache of admitted tokens (decode and cached prefill).
+
+    q `[B, H, L, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`; counts `[B]`; key_positions
+    `[B, n]`; query_positions `[L]`. Query i attends slot j iff j < counts[b] and
+    key_positions[b, j] <= query_positions[i]. Value head j reads q/k head j // (HV // H).
+    Returns `[B, HV, L, Dv]`. This is the plain-ops twin of the admitted-attention kernel.
+    """
+    H, HV = q.shape[1], values.shape[1]
+    if HV != H:
+        q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
+    n = keys.shape[2]
+    valid = mx.arange(n)[None, :] < counts[:, None]  # [B, n]
+    causal = key_positions[:, None, :] <= query_positions[None, :, None]  # [B, L, n]
+    mask = (valid[:, None, :] & causal)[:, None]  # [B, 1, L, n]
+    return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)
+
+
+def gated_output(o: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """sigmoid(gate) * RMSNorm(o) * weight (spec §4.4), float32.
+
+    o `[B, HV, L, Dv]`; gate `[B, L, HV]` (the kv_gate_proj logits); weight `[Dv]`.
+    Returns `[B, L, HV, Dv]`.
+    """
+    o = o.transpose(0, 2, 1, 3).astype(mx.float32)
+    o = mx.fast.rms_norm(o, weight.astype(mx.float32), eps)
+    return mx.sigmoid(gate.astype(mx.float32))[..., None] * o
+
+
+def cached_admitted_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    counts: mx.array,
+    key_positions: mx.array,
+    query_positions: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None,
+    gate: mx.array,
+    norm_weight: mx.array,
+    eps: float,
+) -> mx.array:
+    """`gated_output(compact_attention(...))`: the HAM attention term over the cache,
+    `[B, L, HV, Dv]`. On a Metal GPU a fused kernel computes it (see ham_mlx.kernels)."""
+    o = compact_attention(
+        q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias
+    )
+    return gated_output(o, gate, norm_weight, eps)
+
+
 def attention_reference(q, k, v, mask, log_scale, sink, key_bias=None) -> np.ndarray:
     """Slow float64 twin of `masked_attention`: loops over batch, head and query, gathers the
     allowed keys and appends the sink logit with a zero value. Returns numpy `[B, N, Tq, Dv]`."""
