@@ -8,6 +8,9 @@ returns exactly 0. Layout `[B, N, T, D]`; N = HV (the caller repeats q/k heads f
 import mlx.core as mx
 import numpy as np
 
+from ham_mlx import kernels
+from ham_mlx.kernels import attention as attention_kernel
+
 
 def masked_attention(
     q: mx.array,
@@ -127,11 +130,27 @@ def cached_admitted_attention(
     eps: float,
 ) -> mx.array:
     """`gated_output(compact_attention(...))`: the HAM attention term over the cache,
-    `[B, L, HV, Dv]`. On a Metal GPU a fused kernel computes it (see ham_mlx.kernels)."""
+    `[B, L, HV, Dv]`. On a GPU a fused kernel computes it (see ham_mlx.kernels)."""
+    if kernels.kernels_enabled():
+        if attention_kernel.supported(q, values):
+            args = (q, keys, values, counts, key_positions, query_positions, log_scale, sink)
+            return _attention_gpu(*args, key_bias, gate, norm_weight, eps)
+        kernels.warn_fallback("admitted-attention", "head sizes are not multiples of 32")
     o = compact_attention(
         q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias
     )
     return gated_output(o, gate, norm_weight, eps)
+
+
+def _attention_gpu(q, keys, values, counts, key_pos, query_pos, log_scale, sink, key_bias, gate,
+                   norm_weight, eps):  # fmt: skip
+    kernel = (
+        attention_kernel.CUDA_KERNEL if kernels.BACKEND == "cuda" else attention_kernel.METAL_KERNEL
+    )
+    return attention_kernel.call(
+        kernel, q, keys, values, counts, key_pos, query_pos, log_scale, sink, key_bias, gate,
+        norm_weight, eps,
+    )  # fmt: skip
 
 
 def attention_reference(q, k, v, mask, log_scale, sink, key_bias=None) -> np.ndarray:

@@ -14,6 +14,9 @@ GVA: value head j reads q/k head j // (HV // H). All arithmetic is float32.
 
 import mlx.core as mx
 
+from ham_mlx import kernels
+from ham_mlx.kernels import scan as scan_kernel
+
 SEQUENTIAL_MAX_T = 8  # measured crossover on Linux CPU (B=1..8, HV=4..16, Dk=64, Dv=128)
 
 
@@ -157,10 +160,28 @@ def gated_delta(
     beta: mx.array,
     state: mx.array | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """Gated delta rule returning (o, v̂, state): sequential for short inputs, else chunked."""
-    # A Metal kernel (Apple GPU) will plug in here.
+    """Gated delta rule returning (o, v̂, state): the GPU kernel when enabled; else sequential
+    for short inputs and chunked for long ones."""
+    if kernels.kernels_enabled():
+        if scan_kernel.supported(q, v):
+            if state is None:
+                state = mx.zeros((q.shape[0], v.shape[2], v.shape[3], q.shape[3]), mx.float32)
+            return _gated_delta_gpu(q, k, v, g, beta, state)
+        kernels.warn_fallback("gated-delta", f"head_dim {q.shape[-1]} is not a multiple of 32")
     T = q.shape[1]
     if T <= SEQUENTIAL_MAX_T:
         return gated_delta_sequential(q, k, v, g, beta, state)
     chunk_size = min(64, max(16, 1 << (T - 1).bit_length()))  # less padding for short inputs
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
+
+
+@mx.custom_function
+def _gated_delta_gpu(q, k, v, g, beta, state):
+    """The scan kernel forward; gradients through the chunked ops form."""
+    kernel = scan_kernel.CUDA_KERNEL if kernels.BACKEND == "cuda" else scan_kernel.METAL_KERNEL
+    return tuple(scan_kernel.call(kernel, q, k, v, g, beta, state))
+
+
+@_gated_delta_gpu.vjp
+def _gated_delta_gpu_vjp(primals, cotangents, outputs):
+    return tuple(mx.vjp(gated_delta_chunked, list(primals), list(cotangents))[1])
