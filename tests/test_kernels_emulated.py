@@ -1,0 +1,209 @@
+"""The Metal kernels, as MLX generates them, compiled with g++ and run on this CPU under the
+emulation in tests/metal_emulation, against the MLX-ops references. This checks the kernels'
+logic and indexing on Linux; it does not compile them with Apple's Metal compiler or run them on
+an Apple GPU (tests/test_kernels_gpu.py does that on a Mac)."""
+
+import ham_mlx  # noqa: F401
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model
+from metal_emulation import gxx_available, kernel_source, run_kernel
+
+from ham_mlx.kernels import attention, scan
+from ham_mlx.ops.attention import cached_admitted_attention
+from ham_mlx.ops.gated_delta import gated_delta_sequential
+
+pytestmark = pytest.mark.skipif(not gxx_available(), reason="g++ is not installed")
+NP_DTYPES = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.float32}
+
+
+def recorded_call(call, *args):
+    """The exact kernel(...) keyword arguments that `call` (scan.call / attention.call) makes."""
+    seen = {}
+
+    def fake_kernel(**kw):
+        seen.update(kw)
+        return [mx.zeros(s, dtype=d) for s, d in zip(kw["output_shapes"], kw["output_dtypes"])]
+
+    call(fake_kernel, *args)
+    return seen
+
+
+def emulate(kernel, names, outputs, call, *args):
+    """Generate the Metal source of `call(kernel, *args)` and run it under the emulation."""
+    kw = recorded_call(call, *args)
+    src = kernel_source(
+        kernel, inputs=kw["inputs"], template=kw["template"], grid=kw["grid"],
+        threadgroup=kw["threadgroup"], output_shapes=kw["output_shapes"],
+        output_dtypes=kw["output_dtypes"],
+    )  # fmt: skip
+    inputs = {
+        n: np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x)
+        for n, x in zip(names, kw["inputs"])
+    }
+    outs = {n: (tuple(s), np.float32) for n, s in zip(outputs, kw["output_shapes"])}
+    result, counters = run_kernel(src, inputs, outs, kw["grid"], kw["threadgroup"])
+    return src, kw, [result[n] for n in outputs], counters
+
+
+def scan_inputs(B, T, H, HV, Dk, Dv, dtype, seed=0, with_state=True):
+    rng = np.random.default_rng(seed)
+
+    def unit(*shape):
+        x = rng.normal(size=shape)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    q = mx.array(unit(B, T, H, Dk) * Dk**-0.5).astype(dtype)
+    k = mx.array(unit(B, T, H, Dk)).astype(dtype)
+    v = mx.array(rng.normal(size=(B, T, HV, Dv)).astype(np.float32)).astype(dtype)
+    g = mx.array(-rng.uniform(0.01, 0.7, (B, T, HV)).astype(np.float32))
+    beta = mx.array(rng.uniform(0, 2, (B, T, HV)).astype(np.float32))  # allow_neg_eigval range
+    state = None
+    if with_state:
+        state = mx.array(rng.normal(size=(B, HV, Dv, Dk)).astype(np.float32) * 0.3)
+    return q, k, v, g, beta, state
+
+
+SCAN_SHAPES = {  # B, T, H, HV, Dk, Dv
+    "T1": (1, 1, 1, 1, 32, 32),
+    "short-gva": (2, 6, 2, 4, 32, 64),
+    "long": (1, 70, 1, 2, 64, 32),
+    "dk96-dv8": (2, 9, 1, 1, 96, 8),
+}
+
+
+@pytest.mark.parametrize("shape", list(SCAN_SHAPES))
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+def test_scan_kernel_fp32(shape, with_state):
+    args = scan_inputs(*SCAN_SHAPES[shape], mx.float32, with_state=with_state)
+    src, kw, got, _ = emulate(scan.METAL_KERNEL, scan.INPUTS, scan.OUTPUTS, scan.call, *args)
+    ref = gated_delta_sequential(*args)
+    for name, a, b in zip(scan.OUTPUTS, got, ref):
+        b = np.array(b)
+        err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+        assert err <= 1e-5, (shape, name, err)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=["fp16", "bf16"])
+def test_scan_kernel_half_types(dtype):
+    args = scan_inputs(2, 8, 2, 4, 32, 32, dtype)
+    _, _, got, _ = emulate(scan.METAL_KERNEL, scan.INPUTS, scan.OUTPUTS, scan.call, *args)
+    ref = gated_delta_sequential(*args)  # fp32 arithmetic on the same rounded inputs
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, np.array(b), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_kernel_signature_and_template():
+    args = scan_inputs(2, 3, 2, 4, 64, 32, mx.bfloat16)
+    kw = recorded_call(scan.call, *args)
+    src = kernel_source(
+        scan.METAL_KERNEL, inputs=kw["inputs"], template=kw["template"], grid=kw["grid"],
+        threadgroup=kw["threadgroup"], output_shapes=kw["output_shapes"],
+        output_dtypes=kw["output_dtypes"],
+    )  # fmt: skip
+    assert src.template_params == ("InT", "Dk", "Dv", "H", "HV")
+    assert src.template_args == ("bfloat16_t", "64", "32", "2", "4")
+    buffers = [p.name for p in src.params if p.buffer is not None]
+    assert buffers == scan.INPUTS + scan.OUTPUTS
+    for name in ("q", "k", "v"):
+        assert src.param(name).element_type == "bfloat16_t"
+    for name in scan.OUTPUTS:
+        assert src.param(name).element_type == "float" and src.param(name).is_output
+    attrs = sorted(p.name for p in src.params if p.buffer is None)
+    assert attrs == ["thread_position_in_grid", "thread_position_in_threadgroup"]
+    assert kw["grid"] == (32, 32, 8) and kw["threadgroup"] == (32, 4, 1)
+
+
+def attention_case(B, H, HV, L, N, Dk, Dv, counts, bias, seed=0, dtype=mx.float32):
+    """Compact-cache arguments: positions ascending per row, queries at the end."""
+    rng = np.random.default_rng(seed)
+
+    def r(*s):
+        return mx.array(rng.normal(size=s).astype(np.float32))
+
+    span = N + L + 5
+    pos = np.stack([np.sort(rng.choice(span - L, N, replace=False)) for _ in range(B)])
+    q_pos = np.arange(span - L, span)
+    if L > 1:  # let the last few keys of each row fall inside the query block (causal cut)
+        pos[:, -2:] = q_pos[L // 2]
+    return (
+        r(B, H, L, Dk).astype(dtype), r(B, H, N, Dk).astype(dtype), r(B, HV, N, Dv).astype(dtype),
+        mx.array(counts, dtype=mx.int32), mx.array(pos.astype(np.int32)),
+        mx.array(q_pos.astype(np.int32)), r(HV) * 0.3, r(HV), r(B, N) if bias else None,
+        r(B, L, HV), r(Dv) + 1.0, 1e-6,
+    )  # fmt: skip
+
+
+def expected_visits(args):
+    """Keys each (row, head, query) walks: the admitted entries at or before its position."""
+    counts, pos, q_pos = (np.array(a) for a in args[3:6])
+    HV = args[2].shape[1]
+    return HV * sum(
+        int(np.sum(pos[b, : counts[b]] <= qp)) for b in range(len(counts)) for qp in q_pos
+    )
+
+
+ATTN_CASES = {  # B, H, HV, L, N, Dk, Dv, counts, bias
+    "decode": (2, 1, 1, 1, 12, 32, 32, [12, 5], False),
+    "decode-empty-and-full": (2, 2, 4, 1, 9, 32, 64, [0, 9], False),
+    "prefill-gva-bias": (2, 2, 4, 6, 14, 64, 32, [14, 3], True),
+    "all-empty": (1, 1, 2, 3, 4, 32, 32, [0], True),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_attention_kernel_fp32(case):
+    args = attention_case(*ATTN_CASES[case])
+    src, kw, (got,), counters = emulate(
+        attention.METAL_KERNEL, attention.INPUTS, attention.OUTPUTS, attention.call, *args
+    )
+    ref = np.array(cached_admitted_attention(*args))
+    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert err <= 1e-5 or np.abs(got - ref).max() <= 1e-6, (case, err)
+    counts = ATTN_CASES[case][7]
+    for b, c in enumerate(counts):
+        if c == 0:
+            assert np.all(got[b] == 0.0)  # an empty cache gives exactly zero
+    assert counters["keys_visited"] == expected_visits(args)
+
+
+def test_attention_kernel_fp16():
+    args = attention_case(2, 2, 4, 3, 10, 32, 32, [10, 4], True, dtype=mx.float16)
+    _, _, (got,), _ = emulate(
+        attention.METAL_KERNEL, attention.INPUTS, attention.OUTPUTS, attention.call, *args
+    )
+    # The kernel reads fp16 and computes in fp32: compare with fp32 ops on the same fp16 values.
+    upcast = tuple(a.astype(mx.float32) if i < 3 else a for i, a in enumerate(args))
+    np.testing.assert_allclose(got, np.array(cached_admitted_attention(*upcast)), atol=1e-5)
+    ref16 = np.array(cached_admitted_attention(*args))  # fp16 ops: within half precision
+    np.testing.assert_allclose(got, ref16, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_kernel_visits_only_admitted_keys_of_a_real_cache():
+    """Fill a HAM cache from a model, then run the kernel on the buffers the layer passes: the
+    number of keys visited is the admitted count, not the number of tokens seen."""
+    model = make_model(("ham",), hidden_size=64, head_dim=32, ham_threshold=0.95)
+    T = 48
+    ids = mx.array(np.random.default_rng(0).integers(0, 61, (2, T)))
+    cache = model.make_cache()
+    model(ids[:, :-1], cache)
+    layer = model.layers[0].attn
+    cache[0].settle()
+    x = model.layers[0].attn_norm(model.model.embeddings(ids[:, -1:]))
+    rec = layer.recurrence(x, None)  # any query will do: the point is what the kernel reads
+    keys, values, scores, positions, count = cache[0].fetch()
+    q = rec.q.transpose(0, 2, 1, 3)
+    args = (q, keys, values, count, positions, mx.array([T - 1], dtype=mx.int32),
+            layer.attn_log_scale, layer.attn_sink, None, layer.kv_gate_proj(x),
+            layer.kv_norm.weight, layer.norm_eps)  # fmt: skip
+    _, _, (got,), counters = emulate(
+        attention.METAL_KERNEL, attention.INPUTS, attention.OUTPUTS, attention.call, *args
+    )
+    np.testing.assert_allclose(got, np.array(cached_admitted_attention(*args)), atol=1e-5)
+    admitted = cache[0].admitted_counts()
+    HV = model.args.num_v_heads
+    assert counters["keys_visited"] == HV * sum(admitted)
+    assert sum(admitted) < 2 * (T - 1) // 2  # far fewer than the tokens seen
