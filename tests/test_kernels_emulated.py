@@ -163,7 +163,11 @@ def test_attention_kernel_fp32(case):
     ref = np.array(cached_admitted_attention(*args))
     err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
     assert err <= 1e-5 or np.abs(got - ref).max() <= 1e-6, (case, err)
-    counts = ATTN_CASES[case][7]
+    B, H, HV, L, N, Dk, Dv, counts, bias = ATTN_CASES[case]
+    assert src.template_params == ("InT", "Dk", "Dv", "H", "HV", "HAS_BIAS")
+    assert src.template_args == ("float", str(Dk), str(Dv), str(H), str(HV), str(int(bias)))
+    assert [p.name for p in src.params if p.buffer is not None] == attention.INPUTS + ["out"]
+    assert kw["grid"] == (32, L, B * HV) and kw["threadgroup"] == (32, 1, 1)
     for b, c in enumerate(counts):
         if c == 0:
             assert np.all(got[b] == 0.0)  # an empty cache gives exactly zero
