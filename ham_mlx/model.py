@@ -45,8 +45,11 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
 
-    def __call__(self, x: mx.array, cache: Any = None) -> mx.array:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def __call__(self, x: mx.array, cache: Any = None, scores: list | None = None) -> mx.array:
+        if self.layer_type == "ham":
+            x = x + self.attn(self.attn_norm(x), cache, scores)
+        else:
+            x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -60,11 +63,13 @@ class Backbone(nn.Module):
         ]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, scores: list | None = None
+    ) -> mx.array:
         h = self.embeddings(inputs)
         cache = cache if cache is not None else [None] * len(self.layers)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, c)
+            h = layer(h, c, scores)
         return self.norm(h)
 
 
@@ -78,8 +83,13 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.check_token_ids = True  # the trainer turns this off inside compiled steps
 
-    def __call__(self, inputs: mx.array, cache: list[Any] | None = None) -> mx.array:
-        """inputs [B, L] token ids -> logits [B, L, V]."""
+    def __call__(
+        self, inputs: mx.array, cache: list[Any] | None = None, scores: list | None = None
+    ) -> mx.array:
+        """inputs [B, L] token ids -> logits [B, L, V].
+
+        `scores`: a list that receives each HAM layer's surprise scores [B, L] (for training's
+        threshold control and for inspection)."""
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be [batch, length] token ids, got shape {inputs.shape}")
         if inputs.shape[1] == 0:
@@ -91,7 +101,7 @@ class Model(nn.Module):
                 raise ValueError(f"token id {bad} is out of range [0, {self.args.vocab_size})")
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
-        h = self.model(inputs, cache)
+        h = self.model(inputs, cache, scores)
         if self.args.tie_word_embeddings:
             return self.model.embeddings.as_linear(h)
         return self.lm_head(h)

@@ -58,13 +58,17 @@ class HAMAttention(GatedDeltaNet):
             return self.router(x)
         return mx.stop_gradient(mx.min(head_surprise(v_hat, v, self.router_kind), axis=-1))
 
-    def __call__(self, x: mx.array, cache: HAMCache | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: HAMCache | None = None, scores: list | None = None
+    ) -> mx.array:
         B, L, _ = x.shape
         H, HV = self.num_heads, self.num_v_heads
         if cache is not None:
             cache.settle()
         rec = self.recurrence(x, cache)
         score = self.surprise(x, rec.v, rec.v_hat)  # [B, L]
+        if scores is not None:
+            scores.append(score)
         tau = None if cache is None else cache.threshold_override(score)
         admitted = score >= (self.threshold if tau is None else tau)  # [B, L]
         if cache is not None:
