@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ham_mlx.config import ModelArgs
@@ -89,14 +90,27 @@ def load_model(path: str | Path) -> Model:
     args = read_config(path)
     model = Model(args)
     weights = model.sanitize(read_weights(path))
+    if args.quantization is not None:  # quantize the skeleton where the file has scales
+        q = args.quantization
+        nn.quantize(model, q["group_size"], q["bits"],
+                    class_predicate=lambda p, m: f"{p}.scales" in weights)  # fmt: skip
     check_weights(model, weights, str(path))
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model
 
 
-def load(path: str | Path) -> tuple[Model, Tokenizer]:
-    """Load a model folder: (model, tokenizer)."""
+def default_model_path() -> Path:
+    """The small model shipped inside the package (see README, Training)."""
+    return Path(__file__).parent / "assets" / "default-model"
+
+
+def load(path: str | Path | None = None) -> tuple[Model, Tokenizer]:
+    """Load a model folder: (model, tokenizer). No path: the bundled default model."""
+    if path is None:
+        path = default_model_path()
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"no model given and no default model is bundled at {path}")
     model = load_model(path)
     tok_file = Path(path) / TOKENIZER
     if not tok_file.is_file():
