@@ -10,6 +10,8 @@ from typing import Any
 LAYER_TYPES = ("ham", "gdn", "attn")
 ROUTERS = ("cosine", "l2", "learned")
 GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
+QUANT_BITS = (2, 3, 4, 5, 6, 8)
+QUANT_GROUP_SIZES = (32, 64, 128)
 ATTN_DEFAULTS = {
     "num_kv_heads": None,
     "qkv_bias": False,
@@ -62,6 +64,7 @@ class ModelArgs:
     ham_threshold: float | list[float] = 0.5
     ham_router_hidden: int = 64
     ham_kv_target: float | list[float] | None = None
+    quantization: dict[str, int] | None = None  # {"group_size": 64, "bits": 4}: mlx.nn.quantize
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +170,16 @@ class ModelArgs:
                 fail(key, f"must lie in [0, vocab_size={self.vocab_size})")
         if self.intermediate_size <= 0:
             fail("intermediate_size", "must be a positive integer")
+        q = self.quantization
+        if q is not None and (
+            not isinstance(q, dict)
+            or set(q) - {"group_size", "bits", "mode"}
+            or q.get("group_size") not in QUANT_GROUP_SIZES
+            or q.get("bits") not in QUANT_BITS
+            or q.get("mode", "affine") != "affine"
+        ):
+            fail("quantization", f"expected {{'group_size': one of {QUANT_GROUP_SIZES}, "
+                 f"'bits': one of {QUANT_BITS}}}")  # fmt: skip
 
     def _validate_attn(self) -> None:
         attn = self.attn

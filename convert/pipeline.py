@@ -1,0 +1,217 @@
+"""`convert(src, dst)`: a PyTorch checkpoint folder -> a ham_mlx model folder, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ham_mlx.convert.checkpoint import read_weights
+from ham_mlx.convert.mapping import map_config, plan_weights
+from ham_mlx.convert.progress import Progress
+from ham_mlx.convert.quantize import quantize_model
+from ham_mlx.convert.tensors import ConversionError
+from ham_mlx.model import FP32_PARAMS, Model
+from ham_mlx.model_io import TOKENIZER, save_model
+from ham_mlx.tokenizer import Tokenizer
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+SOURCE_DTYPES = {"F32": "float32", "F64": "float32", "F16": "float16", "BF16": "bfloat16"}
+TOKENIZER_FILES = (
+    TOKENIZER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)  # fmt: skip
+
+
+@dataclass
+class ConversionSummary:
+    path: Path
+    source_files: list[Path]
+    parameters: int
+    bytes: int
+    layer_types: list[str]
+    dtype: str
+    quantization: dict[str, int] | None
+    quantized_modules: int
+    tokenizer_files: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        types = " ".join(self.layer_types)
+        q = "none"
+        if self.quantization:
+            q = (f"{self.quantization['bits']}-bit, group size {self.quantization['group_size']} "
+                 f"({self.quantized_modules} layers)")  # fmt: skip
+        tok = ", ".join(self.tokenizer_files) or "none found"
+        lines = [
+            f"converted    {', '.join(str(f) for f in self.source_files)}",
+            f"into         {self.path}",
+            f"parameters   {self.parameters:,}",
+            f"layers       {len(self.layer_types)}: {types}",
+            f"dtype        {self.dtype} (A_log, dt_bias, threshold in float32)",
+            f"quantized    {q}",
+            f"weights      {self.bytes / 1e6:.1f} MB",
+            f"tokenizer    {tok}",
+        ]
+        if TOKENIZER not in self.tokenizer_files:
+            lines.append(
+                f"note         no {TOKENIZER}: ham_mlx.load needs a sentencepiece {TOKENIZER} "
+                "in the folder (ham_mlx.load_model reads the model alone)"
+            )
+        return "\n".join(lines)
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ConversionSummary:
+    """Convert a PyTorch checkpoint folder into a ham_mlx model folder.
+
+    src: an HF-style folder with config.json (FLA `model_type: "gated_deltanet"` or `"ham"`) and
+    weights (`model.safetensors`, shards + index, `pytorch_model.bin`, or one `.pt`/`.pth`).
+    dst: the folder to write; written into a temporary folder beside it, then renamed, so a
+    failed or interrupted conversion leaves no partial dst. An existing dst is an error unless
+    overwrite=True. dtype: "float32", "float16" or "bfloat16" (default: the checkpoint's);
+    A_log, dt_bias and threshold stay float32. quantize: q_bits-bit weights in groups of
+    q_group_size (mlx.nn.quantize). progress: a progress line on stderr (None: for large
+    checkpoints).
+    """
+    src, dst = Path(src), Path(dst)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    if quantize and q_bits not in (4, 8):
+        raise ConversionError(f"q_bits={q_bits}: expected 4 or 8")
+    if quantize and q_group_size not in (32, 64, 128):
+        raise ConversionError(f"q_group_size={q_group_size}: expected 32, 64 or 128")
+    check_destination(src, dst, overwrite)
+    folder = src if src.is_dir() else src.parent
+    args = map_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    tensors, files = read_weights(src)
+    tokenizer_files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    if TOKENIZER in tokenizer_files:
+        check_tokenizer(folder / TOKENIZER, args.vocab_size)
+
+    model = Model(args)  # lazy: the random initialisation is never computed
+    plan = plan_weights(args, model, tensors)
+    dtype = dtype or source_dtype(plan.sources)
+    target = DTYPES[dtype]
+    bar = Progress(sum(t.nbytes for t in plan.sources.values()), "reading weights", progress)
+    weights = []
+    for name, t in plan.sources.items():
+        w = t.load()
+        if name in plan.transpose:
+            w = w.transpose(0, 2, 1)  # torch [C, 1, Kc] -> MLX [C, Kc, 1]
+        w = w.astype(mx.float32 if name.split(".")[-1] in FP32_PARAMS else target)
+        mx.eval(w)
+        weights.append((name, w))
+        bar.update(t.nbytes)
+    bar.close()
+    model.load_weights(weights, strict=True)
+    del weights
+    quantized: list[str] = []
+    if quantize:
+        quantized = quantize_model(model, q_bits, q_group_size)
+    mx.eval(model.parameters())
+
+    params = dict(tree_flatten(model.parameters()))
+    write_atomically(dst, overwrite, lambda tmp: write_folder(model, tmp, folder, tokenizer_files))
+    return ConversionSummary(
+        path=dst, source_files=files,
+        parameters=sum(count_parameters(k, v, model) for k, v in params.items()),
+        bytes=sum(v.nbytes for v in params.values()), layer_types=list(args.layer_types),
+        dtype=dtype, quantization=args.quantization, quantized_modules=len(quantized),
+        tokenizer_files=tokenizer_files,
+    )  # fmt: skip
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise ConversionError(f"{file}: not found (a checkpoint folder needs its config.json)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{file}: invalid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{file}: expected a JSON object")
+    return raw
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d in s.parents:
+        raise ConversionError(f"{dst}: the destination would replace the source {src}")
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst}: already exists (pass overwrite=True / --overwrite)")
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst}: exists and is not a folder")
+
+
+def check_tokenizer(file: Path, vocab_size: int) -> None:
+    try:
+        tok = Tokenizer.from_file(file)
+    except (ValueError, OSError) as e:
+        raise ConversionError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
+    if tok.vocab_size > vocab_size:
+        raise ConversionError(
+            f"{file}: {tok.vocab_size} pieces but the model's vocab_size is {vocab_size}"
+        )
+
+
+def source_dtype(sources: dict) -> str:
+    """The floating dtype that holds most of the checkpoint's bytes."""
+    by_dtype: dict[str, int] = {}
+    for name, t in sources.items():
+        if name.split(".")[-1] not in FP32_PARAMS:
+            by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
+    if not by_dtype:
+        return "float32"
+    return SOURCE_DTYPES[max(by_dtype, key=lambda k: by_dtype[k])]
+
+
+def count_parameters(name: str, w: mx.array, model: Model) -> int:
+    """Parameters before quantization: packed uint32 words hold 32/bits weights; scales and
+    biases are not parameters."""
+    q = model.args.quantization
+    if q is None:
+        return w.size
+    if name.endswith((".scales", ".biases")):
+        return 0
+    if w.dtype == mx.uint32:
+        return w.size * 32 // q["bits"]
+    return w.size
+
+
+def write_folder(model: Model, tmp: Path, folder: Path, tokenizer_files: list[str]) -> None:
+    save_model(model, tmp)
+    for name in tokenizer_files:
+        shutil.copyfile(folder / name, tmp / name)
+
+
+def write_atomically(dst: Path, overwrite: bool, write) -> None:
+    """write(tmp) fills a temporary folder beside dst, which then becomes dst in one rename
+    (an existing dst, when overwrite=True, is moved aside first and removed after)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting.", dir=dst.parent))
+    try:
+        write(staging / "out")
+        if dst.exists():
+            if not overwrite:
+                raise ConversionError(f"{dst}: appeared during the conversion; not replaced")
+            os.replace(dst, staging / "old")
+        os.replace(staging / "out", dst)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
