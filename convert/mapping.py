@@ -83,7 +83,9 @@ def map_config(raw: dict[str, Any], file: str) -> ModelArgs:
             "from the unquantized checkpoint"
         )
     known = FLA_FIELDS if model_type == "gated_deltanet" else ARGS_FIELDS
-    neutral = FLA_NEUTRAL | HF_FIELDS | {"attnres_block_size", "conv_bias", "quantization"}
+    neutral = (
+        FLA_NEUTRAL | HF_FIELDS | {"attnres_block_size", "conv_bias", "quantization", "hidden_act"}
+    )
     unknown = sorted(set(raw) - known - neutral - {"model_type"})
     if unknown:
         raise fail(

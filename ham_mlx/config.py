@@ -21,7 +21,7 @@ ATTN_DEFAULTS = {
 # Fields of FLA configs that do not change the math of a forward pass.
 IGNORED_FLA_FIELDS = {
     "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "use_l2warp",
-    "hidden_act", "initializer_range", "max_position_embeddings", "use_cache", "torch_dtype",
+    "initializer_range", "max_position_embeddings", "use_cache", "torch_dtype",
     "dtype", "transformers_version", "auto_map",
 }  # fmt: skip
 
@@ -53,6 +53,7 @@ class ModelArgs:
     allow_neg_eigval: bool = False
     norm_eps: float = 1e-6
     hidden_ratio: float = 4
+    hidden_act: str = "swish"  # the MLP activation; only SwiGLU (swish/silu) is implemented
     intermediate_size: int | None = None
     tie_word_embeddings: bool = False
     attn: dict[str, Any] | None = None
@@ -143,6 +144,8 @@ class ModelArgs:
             fail("use_short_conv", "only models with the short convolution are supported")
         if self.output_gate_activation not in GATE_ACTIVATIONS:
             fail("output_gate_activation", f"expected one of {GATE_ACTIVATIONS}")
+        if self.hidden_act not in ("swish", "silu"):
+            fail("hidden_act", "only 'swish' (SwiGLU MLP) is supported")
         if not self.norm_eps > 0:
             fail("norm_eps", "must be > 0")
         if len(self.layer_types) != self.num_hidden_layers:

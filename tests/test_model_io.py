@@ -73,6 +73,7 @@ def test_unknown_config_keys_warn_and_bad_values_name_the_key():
         "ham_threshold": ([0.1, 0.2], "ham_threshold"),
         "hidden_size": (0, "hidden_size"),
         "eos_token_id": (10_000, "eos_token_id"),
+        "hidden_act": ("powlu", "hidden_act"),
     }
     for key, (value, needle) in bad.items():
         with pytest.raises(ConfigError, match=needle):
