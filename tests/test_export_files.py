@@ -1,0 +1,179 @@
+"""export_onnx end to end: files, graph properties, fp16/int8 variants, errors, the runner's
+generate API and the CLI."""
+
+import ham_mlx  # noqa: F401
+
+# isort: split
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import onnx
+import pytest
+from conftest import make_model
+
+from ham_mlx import load, stream_generate
+from ham_mlx.cli import main
+from ham_mlx.export import UnsupportedFeature, export_onnx
+from ham_mlx.export.build import build_model
+from ham_mlx.export.runtime import OnnxModel
+from ham_mlx.export.runtime import load as load_onnx
+from ham_mlx.export.runtime import stream_generate as onnx_stream_generate
+from ham_mlx.presets import init_model
+
+PROMPT = "Shall I compare thee to a summer's day?"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return init_model(tmp_path_factory.mktemp("models") / "tiny-hybrid", "tiny-hybrid", seed=1)
+
+
+@pytest.fixture(scope="module")
+def fp32(folder, tmp_path_factory):
+    return export_onnx(folder, tmp_path_factory.mktemp("onnx") / "fp32")
+
+
+def test_files_graph_and_checker(fp32):
+    path = fp32.path
+    names = sorted(f.name for f in path.iterdir())
+    assert names == ["model.onnx", "model.onnx.data", "parity.json", "tokenizer.model"]
+    # the weights live in the external data file, the graph file is small
+    assert (path / "model.onnx.data").stat().st_size > 10 * (path / "model.onnx").stat().st_size
+    onnx.checker.check_model(str(path / "model.onnx"), full_check=True)
+    m = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    assert [(o.domain, o.version) for o in m.opset_import] == [("", 24)]
+    ops = {n.op_type for n in m.graph.node}
+    assert {"Scan", "TensorScatter", "RMSNormalization"} <= ops
+    scans = [n for n in m.graph.node if n.op_type == "Scan"]
+    assert len(scans) == 3  # ham, gdn, ham; the HAM scans also emit the score
+    assert [len(s.output) for s in scans] == [3, 2, 3]
+    inputs = [i.name for i in m.graph.input]
+    assert inputs[:2] == ["input_ids", "position_ids"]
+    assert "past_key_values.0.conv_state" in inputs and "past_key_values.2.key" in inputs
+    assert "past_key_values.1.key" not in inputs  # gdn: no kv cache
+    outputs = [o.name for o in m.graph.output]
+    assert "debug.0.surprise" in outputs and "debug.3.admitted" in outputs
+    meta = {p.key: p.value for p in m.metadata_props}
+    assert json.loads(meta["ham.layers"]) == ["ham", "gdn", "attn", "ham"]
+    # every parameter comes from the MLX model under its own name
+    weights = {i.name for i in m.graph.initializer}
+    assert "model.layers.0.attn.q_proj.weight" in weights
+    assert "model.layers.0.attn.attn_sink" in weights and "lm_head.weight" in weights
+
+
+def test_parity_report(fp32):
+    r = fp32.report
+    assert r["variant"] == "fp32" and r["tokens"] >= 64
+    assert r["max_logit_error"] < 1e-4 and r["flips_outside_margin"] == 0
+    assert r == json.loads((fp32.path / "parity.json").read_text())
+    assert "admission flips" in fp32.lines[0]
+
+
+@pytest.mark.parametrize("variant", [{"dtype": "fp16"}, {"quantize": "int8"}], ids=["fp16", "int8"])
+def test_variants(folder, fp32, tmp_path, variant):
+    result = export_onnx(folder, tmp_path / "v", **variant)
+    r = result.report
+    size = r["bytes"]
+    assert size < 0.6 * fp32.report["bytes"]
+    if "dtype" in variant:
+        assert r["relative_logit_error"] < 1e-2
+        m = onnx.load(str(result.path / "model.onnx"), load_external_data=False)
+        types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+        assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+        assert types["past_key_values.0.conv_state"] == onnx.TensorProto.FLOAT  # count: exact
+    else:
+        m = onnx.load(str(result.path / "model.onnx"), load_external_data=False)
+        assert any(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in m.graph.node)
+        assert r["relative_logit_error"] < 0.2
+    onnx.checker.check_model(str(result.path / "model.onnx"), full_check=True)
+
+
+def test_runner_generates_like_mlx(folder, fp32):
+    model, tok = load(folder)
+    om, otok = load_onnx(fp32.path)
+    ref = [r.token for r in stream_generate(model, tok, PROMPT, max_tokens=20, prefill_step_size=5)]
+    got = list(onnx_stream_generate(om, otok, PROMPT, max_tokens=20, prefill_step_size=5))
+    assert [r.token for r in got] == ref
+    last = got[-1]
+    assert last.finish_reason in ("length", "stop") and last.prompt_tokens == len(
+        tok.encode(PROMPT)
+    )
+    assert [s["type"] for s in last.kv] == ["ham", "gdn", "attn", "ham"]
+    assert last.kv[0]["seen"] == len(tok.encode(PROMPT)) + len(got) - 1
+    assert "admitted" in last.summary()
+    # seeded sampling draws the same tokens (the samplers are ham_mlx's)
+    kw = dict(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    ref = [r.token for r in stream_generate(model, tok, PROMPT, **kw)]
+    assert [r.token for r in onnx_stream_generate(om, otok, PROMPT, **kw)] == ref
+
+
+def test_bad_input_is_refused(fp32):
+    om, tok = load_onnx(fp32.path)
+    with pytest.raises(ValueError, match="empty"):
+        next(onnx_stream_generate(om, tok, ""))
+    with pytest.raises(ValueError, match="empty"):
+        om(np.zeros((1, 0), np.int64), om.make_cache(1, 8))
+    with pytest.raises(ValueError, match="out of range"):
+        om(np.array([[5, 10_000]]), om.make_cache(1, 8))
+    # the attention layer needs a slot per token: a short capacity is reported before running
+    with pytest.raises(ValueError, match="capacity 10 cannot hold the requested generation"):
+        next(onnx_stream_generate(om, tok, PROMPT, max_tokens=20, capacity=10))
+    cache = om.make_cache(1, 4)
+    om(np.array([[1, 2, 3]]), cache)
+    with pytest.raises(ValueError, match="capacity 4 of attention layer 2"):
+        om(np.array([[4, 5]]), cache)
+
+
+def test_unsupported_module_is_named(tmp_path):
+    class Mystery(nn.Module):
+        def __call__(self, x):
+            return x
+
+    model = make_model(("ham", "gdn"))
+    model.layers[1].mlp = Mystery()
+    with pytest.raises(UnsupportedFeature, match=r"model\.layers\.1\.mlp: Mystery has no ONNX"):
+        build_model(model)
+
+
+def test_mlx_quantized_model_exports_dequantized(tmp_path):
+    model = make_model(("ham", "attn"), hidden_size=64, head_dim=32)
+    nn.quantize(model, group_size=32, bits=4)
+    assert isinstance(model.layers[0].attn.q_proj, nn.QuantizedLinear)
+    proto, _ = build_model(model)
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    ids = np.random.default_rng(0).integers(0, 61, (1, 12))
+    ref = np.array(model(mx.array(ids)))
+    got = OnnxModel(tmp_path / "model.onnx")(ids, OnnxModel(tmp_path / "model.onnx").make_cache())
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+
+
+def test_export_arguments_are_checked(folder, tmp_path):
+    with pytest.raises(ValueError, match="quantize"):
+        export_onnx(folder, tmp_path / "x", quantize="int4")
+    with pytest.raises(ValueError, match="fp32"):
+        export_onnx(folder, tmp_path / "x", dtype="fp16", quantize="int8")
+    with pytest.raises(ValueError, match="threshold"):
+        export_onnx(folder, tmp_path / "x", threshold=[0.1, 0.2, 0.3])
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_and_generate(folder, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["export", str(folder), str(out), "--max-kv", "4", "--threshold", "0.1"]) == 0
+    printed = capsys.readouterr().out
+    assert "admission flips" in printed and f"wrote {out}" in printed
+    om = OnnxModel(out)
+    assert om.max_kv_tokens == 4 and om.thresholds == [0.1, 0.1]
+    code = main(["generate", "--onnx", str(out), "--prompt", PROMPT, "--max-tokens", "8"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "admitted 4/4" in err and "rejected" in err  # τ 0.1 fills a 4-token cache
+    assert main(["generate", "--onnx", str(out), "--prompt", "x", "--threshold", "0.3"]) == 2
+    help_text = subprocess.run(
+        [sys.executable, "-m", "ham_mlx.cli", "export", "--help"], capture_output=True, text=True
+    ).stdout
+    assert "--genai" in help_text and "Capacity" in help_text

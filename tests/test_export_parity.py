@@ -1,0 +1,163 @@
+"""ONNX export vs the MLX model: logits, admission decisions and final caches, for every layer
+type, batch 1 and 2, a prompt fed in chunks, 64 generated tokens, and a cache that fills."""
+
+import ham_mlx  # noqa: F401
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import onnx
+import pytest
+from conftest import make_model
+
+from ham_mlx.export.build import build_model
+from ham_mlx.export.cache_io import admitted_count, conv_history, ham_entries
+from ham_mlx.export.parity import compare
+from ham_mlx.export.runtime import OnnxModel
+
+CONFIGS = {
+    "ham-cosine": (("ham",), {}),
+    "ham-l2": (("ham",), {"ham_router": "l2", "ham_threshold": 0.95}),
+    "ham-learned": (("ham",), {"ham_router": "learned", "ham_threshold": 0.52}),
+    "ham-gva-negeig-sigmoid": (
+        ("ham",),
+        {
+            "num_v_heads": 4,
+            "allow_neg_eigval": True,
+            "output_gate_activation": "sigmoid",
+            "ham_threshold": 0.7,
+        },
+    ),  # fmt: skip
+    "ham-conv1-nogate": (("ham",), {"conv_size": 1, "use_gate": False}),
+    "gdn": (("gdn",), {}),
+    "attn": (("attn",), {}),
+    "attn-window": (("attn",), {"attn": {"num_heads": 2, "num_kv_heads": 1, "window_size": 5}}),
+    "mixed-tied": (("ham", "gdn", "attn", "ham"), {"tie_word_embeddings": True}),
+}
+
+
+def exported(model, tmp_path, layout="compact", **kw):
+    proto, _ = build_model(model, layout=layout, **kw)
+    onnx.checker.check_model(proto, full_check=True)
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    return OnnxModel(path)
+
+
+def f32(a):
+    return np.array(a.astype(mx.float32))
+
+
+def assert_same_caches(model, r, atol=1e-4):
+    """The ONNX caches hold what the MLX caches hold (HAM: the admitted entries per row)."""
+    arrays = r["onnx_cache"].arrays()
+    for io, c in zip(r["onnx_cache"].model.ios, r["mlx_cache"]):
+        if io.conv is not None:
+            hist = conv_history(io, arrays)
+            assert (hist is None) == (c.conv is None)
+            if hist is not None:
+                np.testing.assert_allclose(hist, f32(c.conv), atol=atol, rtol=0)
+            np.testing.assert_allclose(
+                arrays[io.present("recurrent_state")], f32(c.ssm), atol=atol, rtol=0
+            )
+        if io.kind == "ham":
+            got = ham_entries(io, arrays)
+            assert got["count"] == c.admitted_counts()
+            np.testing.assert_array_equal(admitted_count(io, arrays), c.admitted_counts())
+            _, _, keys, values, _, scores, _ = c.state
+            for b, n in enumerate(got["count"]):
+                np.testing.assert_allclose(got["keys"][b], f32(keys[b, :, :n]), atol=atol, rtol=0)
+                np.testing.assert_allclose(
+                    got["values"][b], f32(values[b, :, :n]), atol=atol, rtol=0
+                )
+                if got["bias"][b] is not None:  # learned router: log r_s per entry
+                    expected = np.log(np.maximum(f32(scores[b, :n]), 1e-6))
+                    np.testing.assert_allclose(got["bias"][b], expected, atol=atol, rtol=0)
+        elif io.kind == "attn":
+            keys, values = c.state
+            n = keys.shape[2]  # the tokens MLX keeps (all, or the last window - 1)
+            seen = r["onnx_cache"].offset
+            slots = np.arange(seen - n, seen) % arrays[io.present("key")].shape[2]
+            np.testing.assert_allclose(
+                arrays[io.present("key")][:, :, slots], f32(keys), atol=atol, rtol=0
+            )
+            np.testing.assert_allclose(
+                arrays[io.present("value")][:, :, slots], f32(values), atol=atol, rtol=0
+            )
+
+
+def check(r, rows):
+    assert r["rows"] == rows
+    assert r["max_logit_error"] < 1e-4, r["max_logit_error"]
+    assert r["flips_outside_margin"] == 0, r
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batch2_chunked_prompt_and_64_generated_tokens(name, tmp_path):
+    layer_types, kw = CONFIGS[name]
+    model = make_model(layer_types, **kw)
+    om = exported(model, tmp_path)
+    ids = np.random.default_rng(1).integers(0, 61, (2, 24))
+    r = compare(model, om, ids, chunks=[5, 11, 8], n_generate=64)
+    check(r, 2)
+    assert r["tokens"] == 88
+    assert_same_caches(model, r)
+    for io in om.ios:  # admission is mixed, and rows differ: the comparison means something
+        if io.kind == "ham":
+            counts = r["onnx_cache"].admitted_counts(io.index)
+            assert 0 < sum(counts) < 88 * len(counts), counts
+
+
+@pytest.mark.parametrize("chunks", [[1] * 12, [12], [7, 5]], ids=["tokens", "whole", "7-5"])
+def test_batch1_any_chunking(chunks, tmp_path):
+    model = make_model(("ham", "attn", "gdn"))
+    om = exported(model, tmp_path)
+    ids = np.random.default_rng(2).integers(0, 61, (1, 12))
+    r = compare(model, om, ids, chunks=chunks, n_generate=64)
+    check(r, 1)
+    assert_same_caches(model, r)
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 30])
+def test_full_cache_rejects_like_mlx_reject_policy(capacity, tmp_path):
+    """Capacity N: admitted iff score >= τ and count + CumSum(admitted) <= N, the semantics of
+    the MLX model with max_kv_tokens=N, kv_policy="reject"; chunk boundaries do not matter."""
+    model = make_model(("ham", "ham"), ham_threshold=0.2)
+    om = exported(model, tmp_path)
+    ids = np.random.default_rng(3).integers(0, 61, (2, 20))
+    r = compare(model, om, ids, chunks=[3, 17], n_generate=64, max_kv_tokens=capacity)
+    check(r, 2)
+    assert_same_caches(model, r)
+    st = r["onnx_cache"]
+    stats = st.stats()
+    for io in om.ios:
+        assert st.admitted_counts(io.index) == [capacity, capacity]  # full, not overfull
+        rejected = st.layers[io.index].rejected
+        assert (rejected > 0).all(), "surprising tokens arrived after the cache filled"
+        assert stats[io.index]["capacity"] == capacity
+        assert stats[io.index]["rejected"] == rejected.tolist()
+
+
+def test_genai_layout_matches_too(tmp_path):
+    """Keys padded to the value width, GVA values grouped by q/k head (what genai allocates)."""
+    model = make_model(("ham", "attn"), num_v_heads=4, ham_router="learned", ham_threshold=0.52)
+    om = exported(model, tmp_path, layout="genai")
+    key, value = om.ios[0].key, om.ios[0].value
+    assert key == value == (2, 2 * 32)  # H heads; G * Dv columns
+    ids = np.random.default_rng(4).integers(0, 61, (2, 10))
+    r = compare(model, om, ids, chunks=[4, 6], n_generate=64)
+    check(r, 2)
+    assert_same_caches(model, r)
+
+
+def test_threshold_override_is_baked_in(tmp_path):
+    model = make_model(("ham",))
+    low, high = exported(model, tmp_path, thresholds=[0.0]), None
+    (tmp_path / "hi").mkdir()
+    high = exported(model, tmp_path / "hi", thresholds=[2.5])
+    ids = np.random.default_rng(5).integers(0, 61, (1, 16))
+    for om, expected in ((low, 16 + 64), (high, 0)):
+        assert om.thresholds in ([0.0], [2.5])
+        r = compare(model, om, ids, n_generate=64)  # MLX runs with the same override
+        check(r, 1)
+        assert r["onnx_cache"].admitted_counts(0) == [expected]
