@@ -64,6 +64,8 @@ class AttnCache:
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Append k, v [B, Nkv, L, hd]; return all stored + new entries (oldest first)."""
         L = k.shape[2]
+        if self.window is None:
+            return self._append(k, v)
         if self.keys is None:
             keys, values = k, v
         else:
@@ -77,6 +79,25 @@ class AttnCache:
         self.fill = keep
         self.offset += L
         return keys, values
+
+    def _append(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """No window: write into a buffer that grows in steps (no copy of the cache per call)."""
+        B, N, L, hd = k.shape
+        n = self.fill + L
+        alloc = 0 if self.keys is None else self.keys.shape[2]
+        if n > alloc:
+            new = self.step * ((n + self.step - 1) // self.step)
+            keys = mx.zeros((B, N, new, hd), dtype=k.dtype)
+            values = mx.zeros((B, N, new, v.shape[3]), dtype=v.dtype)
+            if self.fill:
+                keys[:, :, : self.fill] = self.keys[:, :, : self.fill]
+                values[:, :, : self.fill] = self.values[:, :, : self.fill]
+            self.keys, self.values = keys, values
+        self.keys[:, :, self.fill : n] = k
+        self.values[:, :, self.fill : n] = v
+        self.fill = n
+        self.offset += L
+        return self.keys[:, :, :n], self.values[:, :, :n]
 
     @property
     def state(self) -> list[mx.array | None]:

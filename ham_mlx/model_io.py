@@ -147,6 +147,7 @@ def save_model(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not
     try:
         config = {**model.args.to_dict(), **(extra_config or {})}
         config["ham_threshold"] = model.thresholds() or config["ham_threshold"]

@@ -1,5 +1,6 @@
 """OpenBLAS is loaded before MLX on Linux when it is installed (README, "Linux speed")."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -25,3 +26,31 @@ def test_openblas_is_loaded_unless_turned_off():
     code = "import ham_mlx; print(open('/proc/self/maps').read())"
     maps = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert "openblas" in maps.stdout
+
+
+SHIM_BUILT = bool(glob.glob(os.path.join(os.path.dirname(_blas.__file__), "_gemv_shim*.so")))
+
+
+@pytest.mark.skipif(not (HAVE_OPENBLAS and SHIM_BUILT), reason="OpenBLAS or the built shim missing")
+def test_gemv_shim_routes_matrix_vector_products_and_matches_numpy():
+    import mlx.core as mx
+    import numpy as np
+
+    if os.environ.get("HAM_MLX_NO_GEMV_SHIM", "") in ("", "0"):
+        assert _blas.loaded_gemv_shim is not None
+    rng = np.random.default_rng(0)
+    before = _blas.gemv_shim_routed()
+    for M, N, K in [(1, 37, 19), (23, 1, 17), (1, 1, 5), (1, 300, 700), (700, 1, 300), (5, 6, 7)]:
+        a = rng.normal(size=(M, K)).astype(np.float32)
+        b = rng.normal(size=(K, N)).astype(np.float32)
+        ref = a.astype(np.float64) @ b
+        scale = np.abs(a).astype(np.float64) @ np.abs(b)
+        for A in (mx.array(a), mx.array(a.T.copy()).T):  # row-major and transposed layouts
+            for B in (mx.array(b), mx.array(b.T.copy()).T):
+                err = np.abs(np.array(A @ B) - ref) / scale
+                assert err.max() < 1e-6, (M, N, K)
+    x = mx.array(rng.normal(size=(3, 4, 1, 16)).astype(np.float32))  # batched, M = 1
+    w = mx.array(rng.normal(size=(3, 4, 16, 9)).astype(np.float32))
+    np.testing.assert_allclose(np.array(x @ w), np.array(x) @ np.array(w), rtol=1e-5, atol=1e-5)
+    if _blas.loaded_gemv_shim is not None:
+        assert _blas.gemv_shim_routed() - before >= 20  # the M = 1 and N = 1 cases above

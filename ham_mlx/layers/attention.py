@@ -35,10 +35,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         Tk = k.shape[2]
-        q_pos = mx.arange(offset, offset + L)[:, None]
-        k_pos = mx.arange(offset + L - Tk, offset + L)[None, :]
-        mask = k_pos <= q_pos  # [L, Tk]
-        if self.window is not None:
-            mask = mask & (k_pos > q_pos - self.window)
+        if self.window is None:  # the last L keys are the queries' own tokens
+            mask = None if L == 1 else "causal"
+        else:
+            q_pos = mx.arange(offset, offset + L)[:, None]
+            k_pos = mx.arange(offset + L - Tk, offset + L)[None, :]
+            mask = (k_pos <= q_pos) & (k_pos > q_pos - self.window)  # [L, Tk]
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=hd**-0.5, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))

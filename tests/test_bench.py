@@ -1,0 +1,103 @@
+"""`ham-mlx bench --quick` on tiny sizes: the outputs exist and are well-formed (no timing is
+asserted: benchmarks are not tests)."""
+
+import json
+
+import pytest
+
+from ham_mlx.bench import targets
+from ham_mlx.bench.contenders import have_mlx_lm
+from ham_mlx.cli import main
+
+try:
+    import matplotlib  # noqa: F401
+
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+TINY = [
+    "bench", "--quick", "--preset", "tiny", "--vocab", "61", "--contexts", "16,40",
+    "--fractions", "0.25,0.5", "--steps", "2", "--repeats", "1", "--warmup", "1",
+    "--prefill-lengths", "16,32", "--prefill-repeats", "1", "--probe-mb", "4",
+    "--parts", "probe,decode,prefill,onnx",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = TINY + ["--out", str(out)] + ([] if have_mlx_lm() else ["--no-mlx-lm"])
+    assert main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_has_every_part(run):
+    _, r = run
+    assert r["command"].startswith("ham-mlx bench --quick")
+    assert r["machine"]["cores"] >= 1 and r["machine"]["mlx"]
+    assert r["probe"]["read_gbps"] > 0 and r["probe"]["mlx_matmul_gflops"] > 0
+    models = ["ham-25%", "ham-50%", "gdn", "attn"] + (["llama (mlx-lm)"] if have_mlx_lm() else [])
+    assert [(d["context"], d["model"]) for d in r["decode"]] == [
+        (c, m) for c in (16, 40) for m in models
+    ]
+    for d in r["decode"]:
+        assert d["tok_s"] > 0 and len(d["samples_ms"]) == 2
+        assert d["tokens_in_cache"] >= d["context"]
+        assert d["step_bytes"] >= d["step_weight_bytes"] > 0
+        assert 0 < d["roofline_fraction"]
+        if d["kind"] == "ham":
+            assert 0 <= d["kv_fraction"] <= 1 and d["kv_bytes"] > 0 and d["state_bytes"] > 0
+        elif d["kind"] == "gdn":
+            assert d["kv_bytes"] == 0 and d["state_bytes"] > 0
+        else:
+            assert d["kv_bytes"] > 0
+    methods = {(p["method"], p["T"]) for p in r["prefill"]["scan"]}
+    assert len(methods) == 6
+    assert len(r["prefill"]["attention"]) == 2 * 2 * 2  # methods x lengths x fractions
+    assert r["onnx"]["status"].startswith("not measured")
+    assert {t["status"] for t in r["targets"]} <= {"met", "missed", "not measured", "pending"}
+
+
+def test_markdown_report_has_the_tables(run):
+    out, r = run
+    md = (out / "report.md").read_text()
+    headings = ["# ham-mlx bench", "## Decode", "## Prefill: gated-delta scan",
+                "## Prefill: attention over admitted tokens", "## Targets (issue 7)"]  # fmt: skip
+    for heading in headings:
+        assert heading in md
+    assert "| model | params | tok/s @16 | tok/s @40 |" in md
+    for line in md.splitlines():
+        if line.startswith("|"):
+            assert line.endswith("|")
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+def test_plots_are_png(run):
+    out, _ = run
+    for name in ("decode.png", "prefill.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 150_000
+
+
+def test_targets_read_the_measurements():
+    row = dict(kind="ham", target_fraction=0.1, kv_fraction=0.1, parameters=120e6,
+               roofline_fraction=0.6)  # fmt: skip
+    decode = [
+        {**row, "context": 16384, "model": "ham-10%", "tok_s": 30.0, "kv_bytes": 10},
+        {**row, "context": 16384, "model": "attn", "kind": "attn", "tok_s": 10.0, "kv_bytes": 100},
+        {**row, "context": 16384, "model": "llama (mlx-lm)", "kind": "mlx-lm", "tok_s": 25.0,
+         "kv_bytes": 100},
+    ]  # fmt: skip
+    t = targets.evaluate({"decode": decode, "prefill": {}})
+    status = {x["target"].split(",")[0]: x["status"] for x in t}
+    assert status["At 16k context"] == "missed"  # 1.2x llama < 1.5x
+    assert status["At 512 context"] == "not measured"
+    decode[2]["tok_s"] = 15.0
+    assert targets.evaluate({"decode": decode})[0]["status"] == "met"
+
+
+def test_bad_part_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--parts", "decode,gpu"])
+    assert "unknown part 'gpu'" in capsys.readouterr().err
