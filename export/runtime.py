@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ham_mlx.config import ModelArgs
-from ham_mlx.generate import GenerationResponse
+from ham_mlx.generate import GenerationResponse, collect, prompt_ids, stream_responses
 from ham_mlx.sample import make_logits_processors, make_sampler
 from ham_mlx.tokenizer import Tokenizer
 
@@ -347,13 +347,7 @@ def stream_generate(
     prompt + max_tokens) the attention layers'; a capacity that cannot hold the requested
     generation is an error, never a silent truncation.
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt):
-        raise ValueError("the prompt is empty: give at least one token of text")
-    vocab = model.args.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+    ids = prompt_ids(tokenizer, prompt, model.args.vocab_size)
     if max_tokens < 0:
         raise ValueError(f"max_tokens={max_tokens} must be >= 0")
     if prefill_step_size < 1:
@@ -374,49 +368,28 @@ def stream_generate(
         mx.random.seed(seed)
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty, repetition_context_size)
-    detok = tokenizer.detokenizer()
-    eos = tokenizer.eos_id
 
-    def response(text: str, token: int | None, n: int, start: float, t0: float, reason):
-        prefill = t0 - start
-        elapsed = time.perf_counter() - t0
-        return GenerationResponse(
-            text=text,
-            token=token,
-            prompt_tokens=len(ids),
-            prompt_tps=len(ids) / prefill if prefill > 0 else 0.0,
-            generation_tokens=n,
-            generation_tps=n / elapsed if elapsed > 0 else 0.0,
-            peak_memory_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            kv=cache.stats(),
-            finish_reason=reason,
-        )
+    def steps() -> Iterator[tuple[int, float, float]]:
+        start = time.perf_counter()
+        tokens = np.array([ids], dtype=np.int64)
+        for i in range(0, len(ids), prefill_step_size):
+            logits = model(tokens[:, i : i + prefill_step_size], cache)
+        t0 = time.perf_counter()
+        history = mx.array(tokens)
+        logits = mx.array(logits[:, -1, :])
+        while True:
+            for proc in processors:
+                logits = proc(history, logits)
+            token = int(sampler(logits).item())
+            yield token, start, t0
+            if processors:
+                history = mx.concatenate([history, mx.array([[token]])], axis=1)
+            logits = mx.array(model(np.array([[token]], dtype=np.int64), cache)[:, -1, :])
 
-    start = time.perf_counter()
-    tokens = np.array([ids], dtype=np.int64)
-    for i in range(0, len(ids), prefill_step_size):
-        logits = model(tokens[:, i : i + prefill_step_size], cache)
-    t0 = time.perf_counter()
-    if max_tokens == 0:
-        yield response("", None, 0, start, t0, "length")
-        return
-    history = mx.array(tokens)
-    logits = mx.array(logits[:, -1, :])
-    for n in range(1, max_tokens + 1):
-        for proc in processors:
-            logits = proc(history, logits)
-        token = int(sampler(logits).item())
-        if token == eos:
-            yield response(detok.finalize(), token, n, start, t0, "stop")
-            return
-        text = detok.add_token(token)
-        if n >= max_tokens:
-            yield response(text + detok.finalize(), token, n, start, t0, "length")
-            return
-        yield response(text, token, n, start, t0, None)
-        if processors:
-            history = mx.concatenate([history, mx.array([[token]])], axis=1)
-        logits = mx.array(model(np.array([[token]], dtype=np.int64), cache)[:, -1, :])
+    yield from stream_responses(
+        steps(), tokenizer, len(ids), max_tokens, kv=cache.stats,
+        peak_memory_gb=lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    )  # fmt: skip
 
 
 def generate(
@@ -427,12 +400,4 @@ def generate(
     **kwargs: Any,
 ) -> str:
     """Generate text for a prompt; `kwargs` are those of `stream_generate`."""
-    pieces = []
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        pieces.append(last.text)
-        if verbose:
-            print(last.text, end="", flush=True)
-    if verbose and last is not None:
-        print("\n" + last.summary())
-    return "".join(pieces)
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)

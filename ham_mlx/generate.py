@@ -88,6 +88,73 @@ def generate_step(
         logits = model(y.astype(mx.int32)[None], cache)[:, -1, :]
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
+    """The prompt as token ids; an empty prompt or an out-of-range id is refused."""
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids or (isinstance(prompt, str) and not prompt):
+        raise ValueError("the prompt is empty: give at least one token of text")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab_size})")
+    return ids
+
+
+def stream_responses(
+    steps: Iterator[tuple[int, float, float]],
+    tokenizer: Tokenizer,
+    prompt_tokens: int,
+    max_tokens: int,
+    kv: Callable[[], list[dict[str, Any]]],
+    peak_memory_gb: Callable[[], float],
+) -> Iterator[GenerationResponse]:
+    """Turn (token, prefill start, prefill end) steps into streamed text with statistics,
+    stopping on EOS or after max_tokens. Shared by the MLX and the onnxruntime generators."""
+    detok = tokenizer.detokenizer()
+    eos = tokenizer.eos_id
+
+    def response(text: str, token: int | None, n: int, start: float, t0: float, reason):
+        prefill = t0 - start
+        elapsed = time.perf_counter() - t0
+        return GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=prompt_tokens,
+            prompt_tps=prompt_tokens / prefill if prefill > 0 else 0.0,
+            generation_tokens=n,
+            generation_tps=n / elapsed if elapsed > 0 else 0.0,
+            peak_memory_gb=peak_memory_gb(),
+            kv=kv(),
+            finish_reason=reason,
+        )
+
+    if max_tokens == 0:
+        _, start, t0 = next(steps)
+        yield response("", None, 0, start, t0, "length")
+        return
+    for n, (token, start, t0) in enumerate(steps, start=1):
+        if token == eos:
+            yield response(detok.finalize(), token, n, start, t0, "stop")
+            return
+        text = detok.add_token(token)
+        if n >= max_tokens:
+            yield response(text + detok.finalize(), token, n, start, t0, "length")
+            return
+        yield response(text, token, n, start, t0, None)
+
+
+def collect(stream: Iterator[GenerationResponse], verbose: bool = False) -> str:
+    """The whole text of a stream (printed as it comes, with the statistics, when verbose)."""
+    pieces = []
+    last = None
+    for last in stream:
+        pieces.append(last.text)
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print("\n" + last.summary())
+    return "".join(pieces)
+
+
 def stream_generate(
     model: Model,
     tokenizer: Tokenizer,
@@ -114,13 +181,7 @@ def stream_generate(
     `max_kv_tokens` caps each layer's cache (`kv_policy` "evict" drops the lowest-scoring entries,
     "reject" refuses new tokens once full).
     """
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt):
-        raise ValueError("the prompt is empty: give at least one token of text")
-    vocab = model.args.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab})")
+    ids = prompt_ids(tokenizer, prompt, model.args.vocab_size)
     if max_tokens < 0:
         raise ValueError(f"max_tokens={max_tokens} must be >= 0")
     if seed is not None:
@@ -131,50 +192,15 @@ def stream_generate(
     if cache is None:
         cache = model.make_cache(threshold, kv_budget, max_kv_tokens, kv_policy)
     mx.reset_peak_memory()
-    detok = tokenizer.detokenizer()
-    eos = tokenizer.eos_id
-
-    def response(text: str, token: int | None, n: int, start: float, t0: float, reason):
-        prefill = t0 - start
-        elapsed = time.perf_counter() - t0
-        return GenerationResponse(
-            text=text,
-            token=token,
-            prompt_tokens=len(ids),
-            prompt_tps=len(ids) / prefill if prefill > 0 else 0.0,
-            generation_tokens=n,
-            generation_tps=n / elapsed if elapsed > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-            kv=kv_stats(cache),
-            finish_reason=reason,
-        )
-
     steps = generate_step(model, ids, cache, sampler, processors, prefill_step_size)
-    if max_tokens == 0:
-        _, start, t0 = next(steps)
-        yield response("", None, 0, start, t0, "length")
-        return
-    for n, (token, start, t0) in enumerate(steps, start=1):
-        if token == eos:
-            yield response(detok.finalize(), token, n, start, t0, "stop")
-            return
-        text = detok.add_token(token)
-        if n >= max_tokens:
-            yield response(text + detok.finalize(), token, n, start, t0, "length")
-            return
-        yield response(text, token, n, start, t0, None)
+    yield from stream_responses(
+        steps, tokenizer, len(ids), max_tokens,
+        kv=lambda: kv_stats(cache), peak_memory_gb=lambda: mx.get_peak_memory() / 1e9,
+    )  # fmt: skip
 
 
 def generate(
     model: Model, tokenizer: Tokenizer, prompt: str | Sequence[int], verbose: bool = False, **kwargs
 ) -> str:
     """Generate text for a prompt; `kwargs` are those of `stream_generate`."""
-    pieces = []
-    last = None
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        pieces.append(last.text)
-        if verbose:
-            print(last.text, end="", flush=True)
-    if verbose and last is not None:
-        print("\n" + last.summary())
-    return "".join(pieces)
+    return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
