@@ -14,27 +14,49 @@ def thresholds(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def cmd_generate(a: argparse.Namespace) -> int:
-    if a.onnx is not None:
-        return cmd_generate_onnx(a)
-    from ham_mlx.generate import stream_generate
-    from ham_mlx.model_io import load
-
-    model, tokenizer = load(a.model)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    last = None
-    for last in stream_generate(
-        model, tokenizer, prompt,
+def sampling_args(a: argparse.Namespace) -> dict:
+    """The generation options shared by the MLX and the onnxruntime paths."""
+    return dict(
         max_tokens=a.max_tokens, temperature=a.temp, top_p=a.top_p, top_k=a.top_k,
         min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-        threshold=a.threshold, kv_budget=a.kv_budget, max_kv_tokens=a.max_kv_tokens,
-        kv_policy=a.kv_policy, prefill_step_size=a.prefill_step_size,
-    ):  # fmt: skip
+        max_kv_tokens=a.max_kv_tokens, prefill_step_size=a.prefill_step_size,
+    )  # fmt: skip
+
+
+def print_stream(stream) -> None:
+    """Text to stdout as it comes; the statistics line to stderr."""
+    last = None
+    for last in stream:
         print(last.text, end="", flush=True)
     print()
     if last is not None:
         print("-" * 20, file=sys.stderr)
         print(last.summary(), file=sys.stderr)
+        rejected = [sum(s.get("rejected", [])) for s in last.kv if s["type"] == "ham"]
+        if any(rejected):
+            print(f"full HAM caches rejected {rejected} surprising tokens", file=sys.stderr)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    if a.onnx is not None:  # the exported model on onnxruntime
+        from ham_mlx.export.runtime import load as load_onnx
+        from ham_mlx.export.runtime import stream_generate as stream_onnx
+
+        for flag, value in (("--threshold", a.threshold), ("--kv-budget", a.kv_budget)):
+            if value is not None:
+                raise ValueError(
+                    f"{flag}: with --onnx τ is baked in at export (export --threshold)"
+                )
+        model, tokenizer = load_onnx(a.onnx)
+        print_stream(stream_onnx(model, tokenizer, prompt, **sampling_args(a)))
+        return 0
+    from ham_mlx.generate import stream_generate
+    from ham_mlx.model_io import load
+
+    model, tokenizer = load(a.model)
+    controls = dict(threshold=a.threshold, kv_budget=a.kv_budget, kv_policy=a.kv_policy)
+    print_stream(stream_generate(model, tokenizer, prompt, **sampling_args(a), **controls))
     return 0
 
 
@@ -76,33 +98,6 @@ def cmd_init(a: argparse.Namespace) -> int:
         overrides["ham_threshold"] = a.threshold
     path = init_model(a.path, a.preset, seed=a.seed, **overrides)
     print(f"wrote a random-weights '{a.preset}' model to {path}")
-    return 0
-
-
-def cmd_generate_onnx(a: argparse.Namespace) -> int:
-    """`generate --onnx DIR`: the exported model on onnxruntime."""
-    from ham_mlx.export.runtime import load, stream_generate
-
-    for flag, value in (("--threshold", a.threshold), ("--kv-budget", a.kv_budget)):
-        if value is not None:
-            raise ValueError(f"{flag}: with --onnx τ is baked in at export (export --threshold)")
-    model, tokenizer = load(a.onnx)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    last = None
-    for last in stream_generate(
-        model, tokenizer, prompt,
-        max_tokens=a.max_tokens, temperature=a.temp, top_p=a.top_p, top_k=a.top_k,
-        min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed,
-        max_kv_tokens=a.max_kv_tokens, prefill_step_size=a.prefill_step_size,
-    ):  # fmt: skip
-        print(last.text, end="", flush=True)
-    print()
-    if last is not None:
-        print("-" * 20, file=sys.stderr)
-        print(last.summary(), file=sys.stderr)
-        rejected = [sum(s.get("rejected", [])) for s in last.kv if s["type"] == "ham"]
-        if any(rejected):
-            print(f"full HAM caches rejected {rejected} surprising tokens", file=sys.stderr)
     return 0
 
 
