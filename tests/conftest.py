@@ -11,6 +11,29 @@ from ham_mlx import Model, ModelArgs
 ATTN = {"num_heads": 2, "num_kv_heads": 1, "rope_theta": 10000.0}
 
 
+# Layer stacks that every path (cache, chunking, export) is checked on.
+LAYER_CONFIGS = {
+    "ham-cosine": (("ham",), {}),
+    "ham-l2": (("ham",), {"ham_router": "l2", "ham_threshold": 0.95}),
+    "ham-learned": (("ham",), {"ham_router": "learned", "ham_threshold": 0.52}),
+    "ham-gva-negeig-sigmoid": (
+        ("ham",),
+        {
+            "num_v_heads": 4,
+            "allow_neg_eigval": True,
+            "output_gate_activation": "sigmoid",
+            "ham_threshold": 0.7,
+        },
+    ),  # fmt: skip
+    "ham-conv1-nogate": (("ham",), {"conv_size": 1, "use_gate": False}),
+    "gdn": (("gdn",), {}),
+    "attn": (("attn",), {}),
+    "attn-window": (("attn",), {"attn": {"num_heads": 2, "num_kv_heads": 1, "window_size": 5}}),
+    "mixed": (("ham", "gdn", "attn", "ham"), {}),
+    "mixed-tied": (("ham", "gdn", "attn", "ham"), {"tie_word_embeddings": True}),
+}
+
+
 def tiny_args(layer_types=("ham",), **kw) -> ModelArgs:
     base = dict(
         vocab_size=61, hidden_size=32, num_hidden_layers=len(layer_types), num_heads=2,

@@ -8,32 +8,13 @@ import mlx.core as mx
 import numpy as np
 import onnx
 import pytest
+from conftest import LAYER_CONFIGS as CONFIGS
 from conftest import make_model
 
 from ham_mlx.export.build import build_model
 from ham_mlx.export.cache_io import admitted_count, conv_history, ham_entries
 from ham_mlx.export.parity import compare
 from ham_mlx.export.runtime import OnnxModel
-
-CONFIGS = {
-    "ham-cosine": (("ham",), {}),
-    "ham-l2": (("ham",), {"ham_router": "l2", "ham_threshold": 0.95}),
-    "ham-learned": (("ham",), {"ham_router": "learned", "ham_threshold": 0.52}),
-    "ham-gva-negeig-sigmoid": (
-        ("ham",),
-        {
-            "num_v_heads": 4,
-            "allow_neg_eigval": True,
-            "output_gate_activation": "sigmoid",
-            "ham_threshold": 0.7,
-        },
-    ),  # fmt: skip
-    "ham-conv1-nogate": (("ham",), {"conv_size": 1, "use_gate": False}),
-    "gdn": (("gdn",), {}),
-    "attn": (("attn",), {}),
-    "attn-window": (("attn",), {"attn": {"num_heads": 2, "num_kv_heads": 1, "window_size": 5}}),
-    "mixed-tied": (("ham", "gdn", "attn", "ham"), {"tie_word_embeddings": True}),
-}
 
 
 def exported(model, tmp_path, layout="compact", **kw):

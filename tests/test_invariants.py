@@ -4,31 +4,13 @@ the prompt, for logits, admission decisions and final caches."""
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import LAYER_CONFIGS as CONFIGS
 from conftest import make_model
 
 from ham_mlx import kv_stats
 from ham_mlx.cache import HAMCache
 
 T = 24
-CONFIGS = {
-    "ham-cosine": (("ham",), {}),
-    "ham-l2": (("ham",), {"ham_router": "l2", "ham_threshold": 0.95}),
-    "ham-learned": (("ham",), {"ham_router": "learned", "ham_threshold": 0.52}),
-    "ham-gva-negeig-sigmoid": (
-        ("ham",),
-        {
-            "num_v_heads": 4,
-            "allow_neg_eigval": True,
-            "output_gate_activation": "sigmoid",
-            "ham_threshold": 0.7,
-        },
-    ),  # fmt: skip
-    "ham-conv1-nogate": (("ham",), {"conv_size": 1, "use_gate": False}),
-    "gdn": (("gdn",), {}),
-    "attn": (("attn",), {}),
-    "attn-window": (("attn",), {"attn": {"num_heads": 2, "num_kv_heads": 1, "window_size": 5}}),
-    "mixed": (("ham", "gdn", "attn", "ham"), {}),
-}
 CHUNKINGS = {
     "whole": [T],
     "tokens": [1] * T,
