@@ -168,8 +168,10 @@ class HAMCache(GDNCache):
 
     # ---- host bookkeeping -------------------------------------------------------------------
     def settle(self) -> None:
-        """Sync the counts, feed the budget controller, and evict down to max_kv_tokens."""
-        if self.count is None:
+        """Sync the counts, feed the budget controller, and evict down to max_kv_tokens.
+        A no-op when nothing was appended since the last call (one host sync per step, not one
+        per reader: the next layer call, kv_stats and `state` all settle)."""
+        if self.count is None or self._appended == 0:
             return
         counts = np.array(self.count)
         if self._pending is not None and self.budget is not None:
