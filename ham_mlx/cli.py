@@ -292,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     from ham_mlx.train.cli import add_parsers as add_training_parsers
 
     add_training_parsers(sub)
+
+    from ham_mlx.serve.cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+
+    from ham_mlx.inspector.cli import add_parser as add_inspect_parser
+
+    add_inspect_parser(sub)
     return p
 
 

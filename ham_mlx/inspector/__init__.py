@@ -1,0 +1,1 @@
+"""ham_mlx.inspector (work in progress)."""

@@ -1,0 +1,1 @@
+"""ham_mlx.serve (work in progress)."""
