@@ -19,7 +19,7 @@ from ham_mlx.convert.progress import Progress
 from ham_mlx.convert.quantize import quantize_model
 from ham_mlx.convert.tensors import ConversionError
 from ham_mlx.model import FP32_PARAMS, Model
-from ham_mlx.model_io import TOKENIZER, save_model
+from ham_mlx.model_io import TOKENIZER, save_model, write_hf_files
 from ham_mlx.tokenizer import Tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -199,6 +199,8 @@ def write_folder(model: Model, tmp: Path, folder: Path, tokenizer_files: list[st
     save_model(model, tmp)
     for name in tokenizer_files:
         shutil.copyfile(folder / name, tmp / name)
+    if TOKENIZER in tokenizer_files and "tokenizer.json" not in tokenizer_files:
+        write_hf_files(tmp / TOKENIZER, tmp)
 
 
 def write_atomically(dst: Path, overwrite: bool, write) -> None:

@@ -106,8 +106,9 @@ def build_hf_tokenizer(tokenizer_model_path: str | os.PathLike[str]):
     return tok
 
 
-def _tokenizer_config(proto: spm_pb2.ModelProto) -> dict:
-    t = proto.trainer_spec
+def tokenizer_config(tokenizer_model_path: str | os.PathLike[str]) -> dict:
+    """The `tokenizer_config.json` fields for a SentencePiece model."""
+    t = _load_proto(tokenizer_model_path).trainer_spec
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": t.bos_id >= 0,
@@ -156,6 +157,6 @@ def write_hf_tokenizer(
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "tokenizer.json", out / "tokenizer_config.json"]
     tok.save(str(paths[0]))
-    config = _tokenizer_config(_load_proto(tokenizer_model_path))
+    config = tokenizer_config(tokenizer_model_path)
     paths[1].write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return paths

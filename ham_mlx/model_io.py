@@ -1,4 +1,5 @@
-"""Model folders: `config.json`, `model.safetensors` (or shards + index), `tokenizer.model`."""
+"""Model folders: `config.json`, `model.safetensors` (or shards + index), `tokenizer.model`
+(+ `tokenizer.json` and `tokenizer_config.json` for Hugging Face tooling)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ham_mlx.config import ModelArgs
+from ham_mlx.hf_tokenizer import write_hf_tokenizer
 from ham_mlx.model import Model
 from ham_mlx.tokenizer import Tokenizer
 
@@ -136,6 +139,15 @@ def shard(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.arr
     return shards
 
 
+def write_hf_files(tokenizer_file: Path, folder: Path) -> None:
+    """`tokenizer.json` + `tokenizer_config.json` beside `tokenizer.model`, for mlx-lm,
+    transformers and onnxruntime-genai; a tokenizer they cannot express gets a warning."""
+    try:
+        write_hf_tokenizer(tokenizer_file, folder)
+    except ValueError as e:
+        warnings.warn(f"no tokenizer.json written: {e}", stacklevel=3)
+
+
 def save_model(
     model: Model,
     path: str | Path,
@@ -168,6 +180,7 @@ def save_model(
             (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER)
+            write_hf_files(tmp / TOKENIZER, tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")

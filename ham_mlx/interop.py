@@ -1,0 +1,50 @@
+"""mlx-lm interop: drive a ham_mlx model with mlx-lm's own generation loop.
+
+`Model` and its caches follow mlx-lm's model contract, so `mlx_lm.generate.stream_generate`
+runs a HAM model as it is; it only needs an mlx-lm `TokenizerWrapper`, which `mlx_lm_tokenizer`
+builds from a model folder's `tokenizer.json` + `tokenizer_config.json` (or, in memory, from its
+`tokenizer.model`). It does not use `transformers.AutoTokenizer`: transformers >= 5 loads the
+model's `config.json` first and rejects `layer_types` entries other than its own attention kinds
+(ours are "ham", "gdn", "attn").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ham_mlx.hf_tokenizer import build_hf_tokenizer, tokenizer_config
+from ham_mlx.model_io import TOKENIZER, CheckpointError
+
+HF_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_hf_tokenizer(path: str | Path) -> Any:
+    """A transformers `PreTrainedTokenizerFast` for a model folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(path)
+    if all((folder / name).is_file() for name in HF_FILES):
+        return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    spm_file = folder / TOKENIZER
+    if not spm_file.is_file():
+        raise CheckpointError(f"{folder}: no {' + '.join(HF_FILES)} and no {TOKENIZER}")
+    config = tokenizer_config(spm_file)
+    config.pop("tokenizer_class")
+    return PreTrainedTokenizerFast(tokenizer_object=build_hf_tokenizer(spm_file), **config)
+
+
+def mlx_lm_tokenizer(path: str | Path) -> Any:
+    """An `mlx_lm.tokenizer_utils.TokenizerWrapper` for a model folder (sentencepiece streaming
+    detokenizer; EOS from the tokenizer config)."""
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer, TokenizerWrapper
+
+    hf = load_hf_tokenizer(path)
+    eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        model_eos = json.loads(config_file.read_text()).get("eos_token_id")
+        if isinstance(model_eos, int) and model_eos not in eos:
+            eos.append(model_eos)
+    return TokenizerWrapper(hf, SPMStreamingDetokenizer, eos_token_ids=eos)
