@@ -20,7 +20,7 @@ TINY = [
     "bench", "--quick", "--preset", "tiny", "--vocab", "61", "--contexts", "16,40",
     "--fractions", "0.25,0.5", "--steps", "2", "--repeats", "1", "--warmup", "1",
     "--prefill-lengths", "16,32", "--prefill-repeats", "1", "--probe-mb", "4",
-    "--parts", "probe,decode,prefill,onnx",
+    "--onnx-contexts", "16,40", "--parts", "probe,decode,prefill,onnx",
 ]  # fmt: skip
 
 
@@ -55,15 +55,23 @@ def test_results_json_has_every_part(run):
     methods = {(p["method"], p["T"]) for p in r["prefill"]["scan"]}
     assert len(methods) == 6
     assert len(r["prefill"]["attention"]) == 2 * 2 * 2  # methods x lengths x fractions
-    assert r["onnx"]["status"].startswith("not measured")
-    assert {t["status"] for t in r["targets"]} <= {"met", "missed", "not measured", "pending"}
+    assert r["onnx"]["status"] == "measured"
+    rows = r["onnx"]["rows"]
+    assert [(x["context"], x["runtime"]) for x in rows] == [
+        (c, m) for c in (16, 40) for m in ("mlx", "onnxruntime")
+    ]
+    for x in rows:  # the same computation in both runtimes
+        assert x["admitted_equal"] and x["max_abs_logit_diff"] < 1e-3
+        assert x["tok_s"] > 0 and x["prefill_tok_s"] > 0
+    assert {t["status"] for t in r["targets"]} <= {"met", "missed", "not measured"}
 
 
 def test_markdown_report_has_the_tables(run):
     out, r = run
     md = (out / "report.md").read_text()
     headings = ["# ham-mlx bench", "## Decode", "## Prefill: gated-delta scan",
-                "## Prefill: attention over admitted tokens", "## Targets (issue 7)"]  # fmt: skip
+                "## Prefill: attention over admitted tokens",
+                "## onnxruntime vs MLX (same model, same τ)", "## Targets (issue 7)"]  # fmt: skip
     for heading in headings:
         assert heading in md
     assert "| model | params | tok/s @16 | tok/s @40 |" in md
@@ -95,6 +103,20 @@ def test_targets_read_the_measurements():
     assert status["At 512 context"] == "not measured"
     decode[2]["tok_s"] = 15.0
     assert targets.evaluate({"decode": decode})[0]["status"] == "met"
+
+
+def test_onnx_target_reads_the_slowest_context():
+    rows = [
+        {"context": 512, "runtime": "mlx", "tok_s": 10.0},
+        {"context": 512, "runtime": "onnxruntime", "tok_s": 12.0},
+        {"context": 2048, "runtime": "mlx", "tok_s": 10.0},
+        {"context": 2048, "runtime": "onnxruntime", "tok_s": 9.0},
+    ]
+    t = targets.onnx({"status": "measured", "rows": rows})
+    assert t["status"] == "missed" and t["detail"] == "1.20x at 512, 0.90x at 2048"
+    rows[3]["tok_s"] = 10.0
+    assert targets.onnx({"status": "measured", "rows": rows})["status"] == "met"
+    assert targets.onnx({})["status"] == "not measured"
 
 
 def test_bad_part_is_refused(capsys):

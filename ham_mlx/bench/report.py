@@ -96,6 +96,29 @@ def attention_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def onnx_table(result: dict[str, Any]) -> str:
+    rows = result["rows"]
+    at = {(r["context"], r["runtime"]): r for r in rows}
+    lines = [
+        f"All-HAM `{result['preset']}` model, τ per layer set for {result['fraction']:.0%} cached "
+        f"and baked into the fp32 export; prefill in chunks of {result['chunk']}; greedy decode "
+        "medians, rounds alternating the runtimes.",
+        "",
+        "| context | MLX decode tok/s | ORT decode tok/s | ORT/MLX | MLX prefill tok/s | "
+        "ORT prefill tok/s | max abs Δlogit | same admissions |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ctx in sorted({r["context"] for r in rows}):
+        m, o = at[(ctx, "mlx")], at[(ctx, "onnxruntime")]
+        lines.append(
+            f"| {_ctx(ctx)} | {m['tok_s']:.1f} | {o['tok_s']:.1f} | "
+            f"{_ratio(o['tok_s'], m['tok_s'])} | {m['prefill_tok_s']:.0f} | "
+            f"{o['prefill_tok_s']:.0f} | "
+            f"{m['max_abs_logit_diff']:.1e} | {'yes' if m['admitted_equal'] else 'NO'} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any]) -> str:
     out = ["# ham-mlx bench", "", f"Command: `{results['command']}`", ""]
     out += [f"Machine: {describe(results['machine'])}", ""]
@@ -133,6 +156,8 @@ def markdown(results: dict[str, Any]) -> str:
     if prefill.get("attention"):
         out += ["## Prefill: attention over admitted tokens (one layer)", ""]
         out += [attention_table(prefill["attention"]), ""]
+    if (results.get("onnx") or {}).get("status") == "measured":
+        out += ["## onnxruntime vs MLX (same model, same τ)", "", onnx_table(results["onnx"]), ""]
     if results.get("targets"):
         out += ["## Targets (issue 7)", "", "| target | status | measured |", "|---|---|---|"]
         out += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in results["targets"]]

@@ -11,17 +11,18 @@ from typing import Any
 PARTS = ("probe", "decode", "prefill", "onnx")
 QUICK = {
     "preset": "small", "vocab": 2048, "contexts": [256, 1024], "steps": 4, "repeats": 3,
-    "prefill_lengths": [256, 1024], "prefill_repeats": 2, "probe_mb": 64,
+    "prefill_lengths": [256, 1024], "prefill_repeats": 2, "probe_mb": 64, "onnx_contexts": [256],
 }  # fmt: skip
 DEFAULTS = {
     "preset": "base", "vocab": 32000, "contexts": [512, 2048, 8192, 16384], "steps": 4,
     "repeats": 10, "prefill_lengths": [512, 1024, 4096], "prefill_repeats": 3, "probe_mb": 256,
+    "onnx_contexts": [512, 2048],
 }  # fmt: skip
 
 DESCRIPTION = """\
 Benchmark HAM generation against same-size baselines on this machine (issue 7).
 
-Parts (--parts, comma-separated; default probe,decode,prefill):
+Parts (--parts, comma-separated; default all four):
   probe    memory read bandwidth (best run of a numpy and an MLX float32 matvec over
            --probe-mb MiB, all cores), copy bandwidth and MLX float32 matmul GFLOP/s.
   decode   decode tokens/s and KV-cache bytes at each --contexts length for same-size models
@@ -33,7 +34,10 @@ Parts (--parts, comma-separated; default probe,decode,prefill):
   prefill  tokens/s against --prefill-lengths of one layer's gated-delta scan (chunked,
            sequential, mx.fast.gated_delta_update) and of attention over admitted tokens
            (masked-dense vs admitted-only, at each --fractions).
-  onnx     onnxruntime vs MLX: waits for the ONNX export; reported as not measured.
+  onnx     onnxruntime vs MLX on the same all-HAM model (the decode preset): τ per layer set
+           for --onnx-fraction cached, exported with it baked in; prefill (--chunk) and
+           greedy decode tok/s at each --onnx-contexts, with the max logit difference and
+           whether both runtimes admitted the same tokens.
 
 Output in --out: results.json (everything, with raw samples), report.md (tables and the issue's
 targets: met / missed), decode.png and prefill.png (needs matplotlib).
@@ -66,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parts",
         type=parts_list,
-        default=["probe", "decode", "prefill"],
-        help="parts to run, comma-separated: probe,decode,prefill,onnx",
+        default=list(PARTS),
+        help="parts to run, comma-separated: probe,decode,prefill,onnx (all)",
     )
     p.add_argument(
         "--quick",
@@ -125,6 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"MiB streamed by the bandwidth probe ({d['probe_mb']})",
     )
+    p.add_argument(
+        "--onnx-contexts",
+        type=int_list,
+        default=None,
+        help=f"onnx part: context lengths ({','.join(map(str, d['onnx_contexts']))})",
+    )
+    p.add_argument(
+        "--onnx-fraction", type=float, default=0.25, help="onnx part: HAM cached fraction (0.25)"
+    )
     p.add_argument("--no-mlx-lm", action="store_true", help="skip the mlx-lm Llama peer")
     p.add_argument("--seed", type=int, default=0, help="weights and tokens seed (0)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
@@ -136,12 +149,13 @@ def resolve(a: argparse.Namespace) -> dict[str, Any]:
     base = {**DEFAULTS, **(QUICK if a.quick else {})}
     o = {k: (getattr(a, k) if getattr(a, k) is not None else v) for k, v in base.items()}
     o.update(parts=a.parts, quick=a.quick, fractions=a.fractions, warmup=a.warmup, chunk=a.chunk,
+             onnx_fraction=a.onnx_fraction,
              no_mlx_lm=a.no_mlx_lm, seed=a.seed, out=str(a.out))  # fmt: skip
-    for key in ("contexts", "prefill_lengths"):
+    for key in ("contexts", "prefill_lengths", "onnx_contexts"):
         if any(n < 1 for n in o[key]):
             raise ValueError(f"--{key.replace('_', '-')}: lengths must be positive")
-    if any(not 0 < f <= 1 for f in o["fractions"]):
-        raise ValueError("--fractions: each fraction must lie in (0, 1]")
+    if any(not 0 < f <= 1 for f in [*o["fractions"], o["onnx_fraction"]]):
+        raise ValueError("--fractions, --onnx-fraction: each fraction must lie in (0, 1]")
     for key in ("steps", "repeats", "prefill_repeats", "probe_mb", "vocab"):
         if o[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1")
@@ -200,8 +214,13 @@ def main(a: argparse.Namespace) -> int:
             ),
         }
     if "onnx" in o["parts"]:
-        results["onnx"] = onnx.run_onnx()
-        log(f"onnx: {results['onnx']['status']}")
+        log(f"onnx: onnxruntime vs MLX, preset {o['preset']}, contexts {o['onnx_contexts']}")
+        results["onnx"] = onnx.run_onnx(
+            o["preset"], o["vocab"], o["onnx_contexts"], o["onnx_fraction"], o["steps"],
+            o["repeats"], o["warmup"], o["chunk"], log, o["seed"],
+        )  # fmt: skip
+        if results["onnx"]["status"] != "measured":
+            log(f"onnx: {results['onnx']['status']}")
     results["targets"] = targets.evaluate(results)
     results["machine"]["load_average_end"] = machine.machine_info()["load_average"]
     try:
