@@ -56,3 +56,12 @@ class BudgetController:
             else:
                 tau[b] = np.quantile(self.recent[b], 1.0 - r)
         return tau
+
+    def steady_threshold(self) -> np.ndarray | None:
+        """τ [B] that admits `budget` of the recent scores, with no debt paid back: the value to
+        freeze as a fixed threshold (None before any observation)."""
+        if self.recent is None:
+            return None
+        if self.budget <= 0.0:
+            return np.full(len(self.recent), np.inf, dtype=np.float32)
+        return np.quantile(self.recent, 1.0 - self.budget, axis=1).astype(np.float32)

@@ -128,3 +128,17 @@ def test_prompt_cache_round_trip(tmp_path, layers):
     (tmp_path / "bad.safetensors").write_bytes(b"nope")
     with pytest.raises(ValueError, match="bad.safetensors"):
         load_prompt_cache(tmp_path / "bad.safetensors")
+
+
+def test_steady_threshold_admits_the_budget_of_recent_scores_whatever_the_debt():
+    from ham_mlx.controls import BudgetController
+
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 2, size=(2, 400))
+    ctl = BudgetController(0.25, window=400)
+    ctl.observe(scores, np.ones_like(scores, dtype=bool))  # over-admitted: big negative debt
+    assert np.all(ctl.threshold() == np.inf)  # the next call pays the debt back
+    tau = ctl.steady_threshold()
+    admitted = (scores > tau[:, None]).mean(axis=1)
+    assert np.allclose(admitted, 0.25, atol=0.005)
+    assert BudgetController(0.0).steady_threshold() is None  # nothing observed yet

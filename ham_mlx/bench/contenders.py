@@ -91,7 +91,7 @@ class Contender:
         for c in self.cache:
             if isinstance(c, HAMCache) and c.budget is not None:
                 c.settle()
-                tau = c.budget.threshold()
+                tau = c.budget.steady_threshold()
                 saved.append((c, c.threshold, c.kv_budget, c.budget))
                 c.threshold, c.kv_budget, c.budget = float(tau[0]), None, None
         try:
