@@ -1,1 +1,8 @@
-"""ham_mlx.inspector (work in progress)."""
+"""`ham-mlx inspect`: what each HAM layer stored, and why (score vs τ), per token.
+
+trace.py runs the model with real caches; terminal.py, report.py (HTML) and plot.py (PNG) show it.
+"""
+
+from ham_mlx.inspector.trace import LayerTrace, Trace, trace
+
+__all__ = ["LayerTrace", "Trace", "trace"]
