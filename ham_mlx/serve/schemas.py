@@ -1,0 +1,119 @@
+"""Request bodies of the OpenAI-compatible endpoints, with HAM's memory controls as extra fields.
+
+Only what needs no model is checked here (types, ranges); token ids, the number of HAM layers and
+the server's max_tokens limit are checked by the app. Unknown fields are ignored, as OpenAI-style
+servers do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def per_layer_numbers(value: Any, ok: Callable[[float], bool], expected: str) -> Any:
+    """A number or a non-empty list of numbers, each passing `ok`; None passes."""
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not values or not numbers or not all(ok(v) for v in values):
+        raise ValueError(f"must be {expected}, or a list of them (one per HAM layer)")
+    return value
+
+
+class GenerationRequest(BaseModel):
+    """The fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(None, ge=0)  # None: the server's --default-max-tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stop: list[str] = []
+    # HAM's controls (ham_mlx.generate.stream_generate)
+    threshold: float | list[float] | None = None
+    kv_budget: float | list[float] | None = None
+    max_kv_tokens: int | None = Field(None, ge=1)
+    kv_policy: Literal["evict", "reject"] = "evict"
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or len(stops) > 4:
+            raise ValueError("must be a string or a list of up to 4 strings")
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError("must hold non-empty strings")
+        return stops
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, value: Any) -> Any:
+        return per_layer_numbers(value, math.isfinite, "a finite number")
+
+    @field_validator("kv_budget", mode="before")
+    @classmethod
+    def _kv_budget(cls, value: Any) -> Any:
+        return per_layer_numbers(value, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[int]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]  # a batch of one prompt
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value
+        ):
+            return value
+        raise ValueError("must be a string or a list of token ids (one prompt per request)")
+
+
+class Message(BaseModel):
+    """One chat message; content is text or a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, value: Any) -> Any:
+        if value is None:
+            return ""
+        if not isinstance(value, list):
+            return value
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in value
+        ):
+            raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are served")
+        return "".join(p["text"] for p in value)
+
+
+class ChatRequest(GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
