@@ -223,10 +223,15 @@ class HAMCache(GDNCache):
         return admitted & (total <= self.max_kv_tokens)
 
     # ---- the buffer ---------------------------------------------------------------------------
+    @property
+    def bound(self) -> int:
+        """An upper bound of every row's count, known on the host without a sync."""
+        return self.n_max + self._appended
+
     def fetch(self) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
         """After `append`: keys [B,H,n,Dk], values [B,HV,n,Dv], scores [B,n], positions [B,n],
         count [B], where n bounds every row's count (slots at or past a row's count are unused)."""
-        n = self.n_max + self._appended
+        n = self.bound
         return (
             self.keys[:, :, :n], self.values[:, :, :n], self.scores[:, :n],
             self.positions[:, :n], self.count,
@@ -235,15 +240,26 @@ class HAMCache(GDNCache):
     def append(self, k: mx.array, v: mx.array, score: mx.array, admitted: mx.array) -> None:
         """Store the admitted tokens. k [B,H,L,Dk], v [B,HV,L,Dv], score/admitted [B,L]."""
         B, H, L, Dk = k.shape
-        HV, Dv = v.shape[1], v.shape[3]
+        alloc = self.reserve(B, H, Dk, v.shape[1], v.shape[3], k.dtype, L)
+        a = admitted.astype(mx.int32)
+        slot = mx.where(admitted, self.count[:, None] + mx.cumsum(a, axis=1) - 1, alloc - 1)
+        pos = mx.broadcast_to(mx.arange(self.offset, self.offset + L, dtype=mx.int32), (B, L))
+        keys = mx.put_along_axis(self.keys, slot[:, None, :, None], k, axis=2)
+        values = mx.put_along_axis(self.values, slot[:, None, :, None], v, axis=2)
+        positions = mx.put_along_axis(self.positions, slot, pos, axis=1)
+        scores = mx.put_along_axis(self.scores, slot, score.astype(mx.float32), axis=1)
+        self.commit(keys, values, positions, scores, self.count + a.sum(axis=1), score, admitted)
+
+    def reserve(self, B: int, H: int, Dk: int, HV: int, Dv: int, dtype: mx.Dtype, L: int) -> int:
+        """Make room for L more entries (+ the scratch slot); returns the buffer length."""
         if self.count is None:
             self.count = mx.zeros((B,), dtype=mx.int32)
         alloc = 0 if self.keys is None else self.keys.shape[2]
         need = self.n_max + self._appended + L + 1  # + the scratch slot
         if need > alloc:
             new = self.step * ((need + self.step - 1) // self.step)
-            keys = mx.zeros((B, H, new, Dk), dtype=k.dtype)
-            values = mx.zeros((B, HV, new, Dv), dtype=v.dtype)
+            keys = mx.zeros((B, H, new, Dk), dtype=dtype)
+            values = mx.zeros((B, HV, new, Dv), dtype=dtype)
             positions = mx.zeros((B, new), dtype=mx.int32)
             scores = mx.zeros((B, new), dtype=mx.float32)
             n = self.n_max + self._appended
@@ -254,14 +270,22 @@ class HAMCache(GDNCache):
                 scores[:, :n] = self.scores[:, :n]
             self.keys, self.values, self.positions, self.scores = keys, values, positions, scores
             alloc = new
-        a = admitted.astype(mx.int32)
-        slot = mx.where(admitted, self.count[:, None] + mx.cumsum(a, axis=1) - 1, alloc - 1)
-        pos = mx.broadcast_to(mx.arange(self.offset, self.offset + L, dtype=mx.int32), (B, L))
-        self.keys = mx.put_along_axis(self.keys, slot[:, None, :, None], k, axis=2)
-        self.values = mx.put_along_axis(self.values, slot[:, None, :, None], v, axis=2)
-        self.positions = mx.put_along_axis(self.positions, slot, pos, axis=1)
-        self.scores = mx.put_along_axis(self.scores, slot, score.astype(mx.float32), axis=1)
-        self.count = self.count + a.sum(axis=1)
+        return alloc
+
+    def commit(
+        self,
+        keys: mx.array,
+        values: mx.array,
+        positions: mx.array,
+        scores: mx.array,
+        count: mx.array,
+        score: mx.array,
+        admitted: mx.array,
+    ) -> None:
+        """Take the buffers after appending the tokens of one call (score/admitted [B, L])."""
+        L = admitted.shape[1]
+        self.keys, self.values, self.positions, self.scores = keys, values, positions, scores
+        self.count = count
         self.offset += L
         self._appended += L
         self._pending = (score, admitted)

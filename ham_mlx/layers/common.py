@@ -1,9 +1,30 @@
-"""Small pieces shared by the mixers: the causal short convolution and the q/k l2 norm."""
+"""Small pieces shared by the mixers: the causal short convolution, the q/k l2 norm, the gated
+output norm, and the switches of the one-token decode fast path."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
+
+# One-token decode of GDN/HAM layers runs a fixed-shape step function (`decode_step` in gdn.py
+# and ham.py) instead of the general path, mx.compile'd so that its elementwise ops fuse.
+# HAM_MLX_NO_FAST_DECODE=1 takes the general path; HAM_MLX_NO_COMPILE=1 runs the step uncompiled.
+FAST_DECODE = os.environ.get("HAM_MLX_NO_FAST_DECODE", "") in ("", "0")
+COMPILE = os.environ.get("HAM_MLX_NO_COMPILE", "") in ("", "0")
+_COMPILED: dict[object, Callable] = {}
+
+
+def maybe_compiled(fn: Callable, key: object) -> Callable:
+    """mx.compile(fn), built once per key (the static configuration fn closes over), or fn itself
+    when COMPILE is off. mx.compile retraces by itself when input shapes change."""
+    if not COMPILE:
+        return fn
+    if key not in _COMPILED:
+        _COMPILED[key] = mx.compile(fn)
+    return _COMPILED[key]
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
@@ -27,10 +48,10 @@ def causal_short_conv(
     if prev is None:
         prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype)
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)  # [B, Kc-1+L, C]
-    w = weight[:, :, 0].T  # [Kc, C]
-    y = xp[:, 0:L] * w[0]
+    w = weight[:, :, 0].T  # [Kc, C]; w[i : i + 1] is a view, w[i] would be a gather
+    y = xp[:, 0:L] * w[0:1]
     for i in range(1, Kc):
-        y = y + xp[:, i : i + L] * w[i]
+        y = y + xp[:, i : i + L] * w[i : i + 1]
     return nn.silu(y), xp[:, -(Kc - 1) :]
 
 

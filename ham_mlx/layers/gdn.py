@@ -8,10 +8,12 @@ from typing import NamedTuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from ham_mlx import kernels
 from ham_mlx.cache import GDNCache
 from ham_mlx.config import ModelArgs
-from ham_mlx.layers.common import causal_short_conv, gated_rms_norm, l2norm
-from ham_mlx.ops.gated_delta import gated_delta
+from ham_mlx.layers import common
+from ham_mlx.layers.common import causal_short_conv, gated_rms_norm, l2norm, maybe_compiled
+from ham_mlx.ops.gated_delta import gated_delta, gated_delta_step
 
 
 class Recurrence(NamedTuple):
@@ -22,6 +24,68 @@ class Recurrence(NamedTuple):
     v: mx.array  # [B, L, HV, Dv]  after conv + SiLU
     o: mx.array  # [B, L, HV, Dv]  S_t q_t, float32
     v_hat: mx.array  # [B, L, HV, Dv]  the RNN's prediction of v_t, float32
+
+
+class StepConfig(NamedTuple):
+    """The static part of a layer that its one-token decode step closes over."""
+
+    H: int
+    HV: int
+    Dk: int
+    Dv: int
+    allow_neg_eigval: bool
+    use_gate: bool
+    gate_activation: str
+    norm_eps: float
+
+
+def decode_recurrence(p: dict, x: mx.array, conv: mx.array, S: mx.array, cfg: StepConfig):
+    """`recurrence` for one token, as a pure function (the fast decode path).
+
+    p: the layer's weights (`step_params`; "conv" [C, Kc, 1] the q|k|v conv weights, "small"
+    [n, D] a_proj|b_proj|... stacked); x [B, 1, D] float32; conv [B, Kc-1, C]; S [B, HV, Dv, Dk].
+    Returns q, k `[B, H, Dk]` (l2-normalised, unscaled), v `[B, HV, Dv]`, v̂ and o `[B, HV, Dv]`
+    float32, gate `[B, HV, Dv]` float32 (None without use_gate), the small projections `[B, n]`
+    float32, and the new conv inputs and state.
+    """
+    B = x.shape[0]
+    H, HV, Dk, Dv = cfg.H, cfg.HV, cfg.Dk, cfg.Dv
+    qkv = mx.concatenate([x @ p["q_proj"].T, x @ p["k_proj"].T, x @ p["v_proj"].T], axis=-1)
+    qkv, conv = causal_short_conv(qkv, p["conv"], conv)  # [B, 1, C]
+    qk, v = mx.split(qkv[:, 0], [2 * H * Dk], axis=-1)
+    qk = l2norm(qk.reshape(B, 2 * H, Dk))  # q and k heads in one pass
+    q, k = qk[:, :H], qk[:, H:]
+    v = v.reshape(B, HV, Dv)
+    small = (x[:, 0] @ p["small"].T).astype(mx.float32)  # [B, n]: a | b | ...
+    a, b = small[:, :HV], small[:, HV : 2 * HV]
+    g = -mx.exp(p["A_log"].astype(mx.float32)) * nn.softplus(a + p["dt_bias"].astype(mx.float32))
+    beta = mx.sigmoid(b)
+    if cfg.allow_neg_eigval:
+        beta = 2.0 * beta
+    qs, ks = (q * Dk**-0.5).astype(mx.float32), k.astype(mx.float32)
+    if HV != H:  # value head j reads q/k head j // (HV // H)
+        qs, ks = mx.repeat(qs, HV // H, axis=1), mx.repeat(ks, HV // H, axis=1)
+    o, v_hat, S = gated_delta_step(qs, ks, v.astype(mx.float32), g, beta, S.astype(mx.float32))
+    gate = None
+    if cfg.use_gate:
+        gate = (x[:, 0] @ p["g_proj"].T).reshape(B, HV, Dv).astype(mx.float32)
+    return q, k, v, v_hat, o, gate, small, conv, S
+
+
+class Derived:
+    """An array derived from parameters (a concatenation) for the decode step, rebuilt whenever
+    one of them is replaced (MLX arrays are immutable: an update is a new array). Held as a plain
+    attribute, so it is not a parameter."""
+
+    def __init__(self) -> None:
+        self.sources: tuple[mx.array, ...] = ()
+        self.value: mx.array | None = None
+
+    def get(self, sources: list[mx.array]) -> mx.array:
+        same = len(sources) == len(self.sources)
+        if not (same and all(a is b for a, b in zip(sources, self.sources))):
+            self.sources, self.value = tuple(sources), mx.concatenate(sources)
+        return self.value
 
 
 def init_decay_params(n: int) -> tuple[mx.array, mx.array]:
@@ -95,8 +159,79 @@ class GatedDeltaNet(nn.Module):
         weight = self.o_norm.weight.astype(mx.float32)
         return gated_rms_norm(o, gate, weight, self.norm_eps, self.gate_activation)
 
+    # ---- one-token decode fast path ---------------------------------------------------------
+    def step_config(self) -> StepConfig:
+        return StepConfig(
+            self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim,
+            self.allow_neg_eigval, self.use_gate, self.gate_activation, self.norm_eps,
+        )  # fmt: skip
+
+    # Item access (self["q_proj"]["weight"]) below: nn.Module is a dict, and its __getattr__
+    # costs a few µs per call, which adds up per layer and token.
+    def small_projections(self) -> list[mx.array]:
+        """The [HV, D] projection weights that the decode step applies as one product."""
+        return [self["a_proj"]["weight"], self["b_proj"]["weight"]]
+
+    def step_params(self) -> dict:
+        """The weights `decode_recurrence` reads, by name."""
+        names = ("q_proj", "k_proj", "v_proj", "o_proj") + (("g_proj",) if self.use_gate else ())
+        p = {n: self[n]["weight"] for n in names}
+        if "_conv_weight" not in self.__dict__:  # plain attributes (not parameters)
+            self._conv_weight, self._small_weight = Derived(), Derived()
+        convs = [self[n]["weight"] for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
+        p["conv"] = self._conv_weight.get(convs)
+        p["small"] = self._small_weight.get(self.small_projections())
+        p.update(A_log=self["A_log"], dt_bias=self["dt_bias"], o_norm=self["o_norm"]["weight"])
+        return p
+
+    def fast_decode(self, x: mx.array, cache: GDNCache | None) -> bool:
+        """Whether this call may take the fixed-shape one-token path (CPU, float32, Kc > 1,
+        unquantized projections: the step multiplies by the weights directly)."""
+        return (
+            common.FAST_DECODE and cache is not None and x.shape[1] == 1
+            and x.dtype == mx.float32 and self.q_conv1d.weight.shape[1] > 1
+            and not kernels.kernels_enabled()
+            and all(type(m) is nn.Linear for m in self.step_linears())
+        )  # fmt: skip
+
+    def step_linears(self) -> list[nn.Module]:
+        """The linear layers whose weights the decode step multiplies by directly."""
+        names = ("q_proj", "k_proj", "v_proj", "o_proj", "a_proj", "b_proj")
+        return [self[n] for n in names + (("g_proj",) if self.use_gate else ())]
+
+    def decode_state(self, x: mx.array, cache: GDNCache) -> tuple[mx.array, mx.array]:
+        """The cache's conv inputs and state, zeros for an empty cache."""
+        B = x.shape[0]
+        conv, S = cache.conv, cache.ssm
+        if conv is None:
+            C = self.q_conv1d.weight.shape[0] * 2 + self.v_conv1d.weight.shape[0]
+            conv = mx.zeros((B, self.q_conv1d.weight.shape[1] - 1, C), dtype=x.dtype)
+        if S is None:
+            S = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_dim), mx.float32)
+        return conv, S
+
+    def decode(self, x: mx.array, cache: GDNCache) -> mx.array:
+        """One token through the compiled `decode_recurrence` + o_proj; updates the cache."""
+        cfg = self.step_config()
+
+        def step(p, x, conv, S):
+            _, _, _, _, o, gate, _, conv, S = decode_recurrence(p, x, conv, S, cfg)
+            weight = p["o_norm"].astype(mx.float32)
+            r = gated_rms_norm(o, gate, weight, cfg.norm_eps, cfg.gate_activation)
+            y = r.astype(x.dtype).reshape(x.shape[0], 1, -1) @ p["o_proj"].T
+            return y, conv, S
+
+        conv, S = self.decode_state(x, cache)
+        y, cache.conv, cache.ssm = maybe_compiled(step, ("gdn", cfg))(
+            self.step_params(), x, conv, S
+        )
+        cache.offset += 1
+        return y
+
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
         B, L, _ = x.shape
+        if self.fast_decode(x, cache):
+            return self.decode(x, cache)
         rec = self.recurrence(x, cache)
         if cache is not None:
             cache.offset += L

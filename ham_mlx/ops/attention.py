@@ -104,6 +104,40 @@ def compact_attention(
     return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)
 
 
+def buffer_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    counts: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+) -> mx.array:
+    """One query per row over a whole compact buffer (the fixed-shape decode path).
+
+    q `[B, H, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`; counts `[B]`: slot j of row b
+    is valid iff j < counts[b] (one decoded token comes after every stored one); key_bias `[B, n]`.
+    Same result as `compact_attention` with L = 1 and every stored position <= the query's, but
+    GVA without repeating the keys, and a softmax written out with the sink. Returns
+    `[B, HV, Dv]` in q's dtype.
+    """
+    H, HV = q.shape[1], values.shape[1]
+    n = keys.shape[2]
+    logits = (keys @ q[..., None])[..., 0]  # [B, H, n]
+    if HV != H:
+        logits = mx.repeat(logits, HV // H, axis=1)  # [B, HV, n]
+    logits = logits * mx.exp(log_scale.astype(mx.float32)).astype(q.dtype)[:, None]
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, :].astype(q.dtype)
+    valid = (mx.arange(n)[None, :] < counts[:, None])[:, None, :]  # [B, 1, n]
+    logits = mx.where(valid, logits, -mx.inf)
+    sink = sink.astype(q.dtype)[:, None]  # [HV, 1]
+    m = mx.maximum(mx.max(logits, axis=-1, keepdims=True), sink)  # [B, HV, 1]
+    p = mx.exp(logits - m)  # [B, HV, n]
+    denom = mx.sum(p, axis=-1, keepdims=True) + mx.exp(sink - m)
+    return (p[:, :, None, :] @ values)[:, :, 0, :] / denom  # [B, HV, Dv]
+
+
 def gated_output(o: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:
     """sigmoid(gate) * RMSNorm(o) * weight (spec §4.4), float32.
 

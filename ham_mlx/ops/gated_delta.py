@@ -61,6 +61,30 @@ def gated_delta_sequential(
     return o, v_hat, S
 
 
+def gated_delta_step(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One step (T = 1) of `gated_delta_sequential` with two passes over the state, not six.
+
+    q, k `[B, HV, Dk]` (GVA heads already repeated), v `[B, HV, Dv]`, g, beta `[B, HV]`, state
+    `[B, HV, Dv, Dk]` float32. With P = S [k, q] (one read of S):
+        v̂ = α (S k),   u = β (v − v̂),   S' = α S + u kᵀ (one fused pass),   o = α (S q) + u (k · q)
+    Returns o, v̂ `[B, HV, Dv]` and S'.
+    """
+    alpha = mx.exp(g)[..., None]  # [B, HV, 1]
+    P = state @ mx.stack([k, q], axis=-1)  # [B, HV, Dv, 2]
+    v_hat = alpha * P[..., 0]
+    u = beta[..., None] * (v - v_hat)  # [B, HV, Dv]
+    state = alpha[..., None] * state + u[..., None] * k[..., None, :]
+    o = alpha * P[..., 1] + u * mx.sum(k * q, axis=-1, keepdims=True)
+    return o, v_hat, state
+
+
 def _unit_lower_inverse(L: mx.array, block: int = 16) -> mx.array:
     """(I + L)^-1 for strictly lower-triangular L `[..., n, n]`.
 
@@ -95,15 +119,15 @@ def gated_delta_chunked(
     Per chunk of C steps with start state S0, writing D[t, s] = exp(G_t - G_s) (G = cumsum(g)
     inside the chunk), gamma_t = exp(G_t) and u_s = beta_s (v_s - v̂_s):
         A[t, s]  = D[t, s] (k_s · k_t) for s < t;   Aq[t, s] = D[t, s] (k_s · q_t) for s <= t
-        u        = U - W S0ᵀ,  [W | U] = (I + beta A)^-1 (beta [gamma k | v])
-        v̂        = gamma (k S0ᵀ) + A u  = (gamma k - A W) S0ᵀ + A U
-        o        = gamma (q S0ᵀ) + Aq u = (gamma q - Aq W) S0ᵀ + Aq U
-        S_endᵀ   = gamma_C S0ᵀ + Σ_s D[C, s] k_s u_sᵀ = M S0ᵀ + N
-    Everything except the carry S0ᵀ -> M S0ᵀ + N is computed for all chunks at once.
+        [W | U]  = (I + beta A)^-1 (beta [gamma k | v]),   u = U - W S0ᵀ
+        [o; v̂]   = [gamma q; gamma k] S0ᵀ + [Aq; A] u
+        S_endᵀ   = gamma_C S0ᵀ + Σ_s D[C, s] k_s u_sᵀ
+    A, Aq, W and U are computed for all chunks at once; the carry through the chunks reads each
+    S0 for four [.., C or 2C, Dk or C] products whose operands stay in cache, instead of
+    materialising the per-chunk [Dk, Dk] and [2C, Dk] transition matrices.
     """
     q, k, v, g, beta, S = _prepare(q, k, v, g, beta, state)
     B, T, HV, Dk = k.shape
-    Dv = v.shape[-1]
     C = chunk_size
     NC = -(-T // C)
     pad = NC * C - T
@@ -116,7 +140,9 @@ def gated_delta_chunked(
         x = x.reshape(B, NC, C, HV, *x.shape[3:])
         return x.transpose(1, 0, 3, 2, *range(4, x.ndim))
 
-    q, k, v = (mx.contiguous(chunks(x)) for x in (q, k, v))  # [NC, B, HV, C, D]
+    qk = mx.concatenate([chunks(q), chunks(k)], axis=-2)  # [NC, B, HV, 2C, Dk]: [q; k]
+    k = qk[..., C:, :]  # [NC, B, HV, C, Dk]
+    v = mx.contiguous(chunks(v))  # [NC, B, HV, C, Dv]
     g, beta = chunks(g)[..., None], chunks(beta)[..., None]  # [NC, B, HV, C, 1]
 
     # D[t, s] = prod_{s < r <= t} alpha_r by cumprod: no overflow, and mx.exp is slow on CPU.
@@ -124,32 +150,25 @@ def gated_delta_chunked(
     strict = mx.tri(C, k=-1)  # s < t
     D = mx.cumprod(mx.where(strict.astype(mx.bool_), alpha, 1.0), axis=-2) * mx.tri(C)
     gamma = mx.cumprod(alpha, axis=-2)  # [NC, B, HV, C, 1]
-    kt = k.swapaxes(-1, -2)  # [NC, B, HV, Dk, C]
-    A = (D * strict) * (k @ kt)  # [NC, B, HV, C, C]
-    AA = mx.concatenate([D * (q @ kt), A], axis=-2)  # [Aq; A]: [NC, B, HV, 2C, C]
-
-    Tinv = _unit_lower_inverse(beta * A)
-    gk = gamma * k
-    W = Tinv @ (beta * gk)  # [NC, B, HV, C, Dk]
+    AA = mx.concatenate([D, D * strict], axis=-2) * (qk @ k.swapaxes(-1, -2))  # [Aq; A]
+    Tinv = _unit_lower_inverse(beta * AA[..., C:, :])  # [NC, B, HV, C, C]
+    gqk = mx.concatenate([gamma, gamma], axis=-2) * qk  # [gamma q; gamma k]: [NC, B, HV, 2C, Dk]
+    W = Tinv @ (beta * gqk[..., C:, :])  # [NC, B, HV, C, Dk]
     U = Tinv @ (beta * v)  # [NC, B, HV, C, Dv]
-    P = mx.concatenate([gamma * q, gk], axis=-2) - AA @ W  # [NC, B, HV, 2C, Dk]
-    R = AA @ U  # [NC, B, HV, 2C, Dv]
-
     dkt = (D[..., -1, :, None] * k).swapaxes(-1, -2)  # D[C, s] k_s: [NC, B, HV, Dk, C]
-    M = gamma[..., -1:, :] * mx.eye(Dk) - dkt @ W  # [NC, B, HV, Dk, Dk]
-    N = dkt @ U  # [NC, B, HV, Dk, Dv]
+    gamma_end = gamma[..., -1:, :]  # [NC, B, HV, 1, 1]
 
     St = S.swapaxes(-1, -2)  # [B, HV, Dk, Dv]
-    starts = []
+    o, v_hat = [], []
     for c in range(NC):
-        starts.append(St)
-        St = mx.addmm(N[c], M[c], St)
-    out = mx.addmm(R, P, mx.stack(starts))  # [NC, B, HV, 2C, Dv]: [o; v̂]
-
-    def unchunk(x):  # [NC, B, HV, C, Dv] -> [B, T, HV, Dv]
-        return x.transpose(1, 0, 3, 2, 4).reshape(B, NC * C, HV, Dv)[:, :T]
-
-    return unchunk(out[..., :C, :]), unchunk(out[..., C:, :]), St.swapaxes(-1, -2)
+        u = mx.addmm(U[c], W[c], St, alpha=-1.0)  # U - W S0ᵀ: [B, HV, C, Dv]
+        out = mx.addmm(AA[c] @ u, gqk[c], St)  # [B, HV, 2C, Dv]: [o; v̂]
+        o.append(out[..., :C, :].swapaxes(1, 2))  # [B, C, HV, Dv]
+        v_hat.append(out[..., C:, :].swapaxes(1, 2))
+        St = gamma_end[c] * St + dkt[c] @ u
+    o = mx.concatenate(o, axis=1)[:, :T]  # [B, T, HV, Dv]
+    v_hat = mx.concatenate(v_hat, axis=1)[:, :T]
+    return o, v_hat, St.swapaxes(-1, -2)
 
 
 def gated_delta(
