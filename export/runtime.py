@@ -70,7 +70,11 @@ class OnnxModel:
     """An exported model: `model(input_ids [B, L], cache) -> logits [B, L, V]` (numpy)."""
 
     def __init__(
-        self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        session_config: dict[str, str] | None = None,
     ):
         path = Path(path)
         file = path / MODEL_FILE if path.is_dir() else path
@@ -80,6 +84,8 @@ class OnnxModel:
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():  # e.g. session.intra_op.allow_spinning
+            so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(
             str(file), so, providers=list(providers or ["CPUExecutionProvider"])
         )

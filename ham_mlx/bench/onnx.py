@@ -6,6 +6,7 @@ longest context with `kv_budget` = the fraction asked for), then the model is ex
 each runtime gets a fresh cache, prefills the same random tokens in the same chunks (timed), and
 decodes greedily in rounds that alternate the two runtimes. The first decode logits of the two are
 compared (max |Δ|) and the admitted counts must agree, so the timings are of the same computation.
+onnxruntime runs with its default threads (all cores) and without spin-waiting.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ham_mlx.cache import HAMCache, kv_stats
 from ham_mlx.model import Model
 
 EXPORT_MISSING = "not measured: onnxruntime or onnx is not installed"
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
 
 class MLXRunner:
@@ -118,7 +120,9 @@ def run_onnx(
         export_onnx(model, Path(tmp) / "model", threshold=taus, debug_outputs=False, report=False)
         export_seconds = time.perf_counter() - t
         log(f"onnx: exported in {export_seconds:.1f} s")
-        ort_model = OnnxModel(Path(tmp) / "model")
+        # No spinning: onnxruntime's idle worker threads would otherwise busy-wait after each
+        # call and take the cores from the MLX steps timed in between.
+        ort_model = OnnxModel(Path(tmp) / "model", session_config=NO_SPINNING)
         for ctx in sorted(contexts):
             runners = [MLXRunner(model, taus), OrtRunner(ort_model, capacity)]
             prefill_tps, first = {}, {}
