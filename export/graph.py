@@ -51,6 +51,18 @@ def onnx_type(dtype: Any) -> int:
     return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name that the subgraphs of node (Scan/Loop/If bodies) read or make."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+            for n in g.node:
+                names.update(n.input)
+                names.update(n.output)
+                names |= _subgraph_names(n)
+    return names
+
+
 class Graph:
     """One ONNX graph (the model, or a `Scan` body that shares the parent's name counter)."""
 
@@ -90,12 +102,29 @@ class Graph:
         return name
 
     def output(self, value: str, name: str, elem: int, shape: Sequence[int | str | None] | None):
-        """Declare graph output `name` (an Identity of `value` unless it already has that name)."""
+        """Declare graph output `name`: `value` renamed to it when a node of this graph makes it
+        (so that e.g. a TensorScatter writes straight into an output bound to its input's buffer:
+        onnxruntime updates a cache in place only then), else an Identity of `value`."""
         if value != name:
-            self.nodes.append(helper.make_node("Identity", [value], [name], name=self.fresh(name)))
-            self.types[name] = self.types.get(value, elem)
+            if self._rename(value, name):
+                self.types[name] = self.types.pop(value, elem)
+            else:
+                node = helper.make_node("Identity", [value], [name], name=self.fresh(name))
+                self.nodes.append(node)
+                self.types[name] = self.types.get(value, elem)
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
         return name
+
+    def _rename(self, old: str, new: str) -> bool:
+        """Rename the value `old`, made by one of this graph's nodes, to `new` everywhere it is
+        used; False (nothing changed) when no node makes it, or a subgraph reads it."""
+        made_by = [n for n in self.nodes if old in n.output]
+        if not made_by or any(old in _subgraph_names(n) for n in self.nodes):
+            return False
+        for n in self.nodes:
+            n.input[:] = [new if x == old else x for x in n.input]
+            n.output[:] = [new if x == old else x for x in n.output]
+        return True
 
     def initializer(self, name: str, array: np.ndarray) -> str:
         if name in self.initializers:
