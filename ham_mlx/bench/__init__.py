@@ -3,8 +3,8 @@
 One module per job: `machine` (machine and library facts), `probe` (memory bandwidth and matmul
 throughput), `contenders` (the same-size models under test), `decode` (tokens/s and KV bytes
 against context), `prefill` (scan and attention ops against length), `targets` (the issue's
-targets, checked on the measured numbers), `report` (JSON, markdown, PNG), `onnx` (the hook for
-onnxruntime, waiting for the export), `run` (options and the order of the parts).
+targets, checked on the measured numbers), `report` (JSON, markdown, PNG), `onnx` (onnxruntime
+against MLX on the same exported model), `run` (options and the order of the parts).
 
 Benchmarks are not tests: timings are never asserted, only reported, as medians and same-run ratios.
 """

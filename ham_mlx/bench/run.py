@@ -43,7 +43,7 @@ Output in --out: results.json (everything, with raw samples), report.md (tables 
 targets: met / missed), decode.png and prefill.png (needs matplotlib).
 
 Install the extras first: pip install 'ham-mlx[bench]'  (mlx-lm and matplotlib).
-The full default run (preset base, contexts to 16k) takes about 25-40 minutes on 2 cores;
+The full default run (preset base, contexts to 16k) takes about 22-40 minutes on 2 cores;
 --quick (preset small, short contexts) about a minute."""
 
 
