@@ -37,6 +37,25 @@ def fp32(folder, tmp_path_factory):
     return export_onnx(folder, tmp_path_factory.mktemp("onnx") / "fp32")
 
 
+def test_caches_are_written_in_place(fp32, capfd):
+    """Every present key/value comes straight from its TensorScatter (no Identity between), so
+    onnxruntime updates the buffer bound to both past and present in place instead of copying it."""
+    m = onnx.load(str(fp32.path / "model.onnx"), load_external_data=False)
+    made_by = {out: n.op_type for n in m.graph.node for out in n.output}
+    present = [o.name for o in m.graph.output if o.name.startswith("present.")]
+    kv = [name for name in present if name.endswith((".key", ".value"))]
+    assert len(kv) == 6  # ham, attn, ham
+    assert {made_by[name] for name in kv} == {"TensorScatter"}
+    assert "Identity" not in {made_by[name] for name in present}
+    model, tokenizer = load_onnx(fp32.path)
+    cache = model.make_cache(capacity=64)
+    ids = np.array([tokenizer.encode(PROMPT)])
+    model(ids, cache)
+    for _ in range(3):
+        model(ids[:, -1:], cache)
+    assert "in-place optimization not activated" not in capfd.readouterr().err
+
+
 def test_files_graph_and_checker(fp32):
     path = fp32.path
     names = sorted(f.name for f in path.iterdir())
