@@ -10,12 +10,11 @@ model's `config.json` first and rejects `layer_types` entries other than its own
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ham_mlx.hf_tokenizer import build_hf_tokenizer, tokenizer_config
-from ham_mlx.model_io import TOKENIZER, CheckpointError
+from ham_mlx.model_io import TOKENIZER, CheckpointError, read_config
 
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -42,9 +41,8 @@ def mlx_lm_tokenizer(path: str | Path) -> Any:
 
     hf = load_hf_tokenizer(path)
     eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
-    config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        model_eos = json.loads(config_file.read_text()).get("eos_token_id")
-        if isinstance(model_eos, int) and model_eos not in eos:
+    if (Path(path) / "config.json").is_file():
+        model_eos = read_config(path).eos_token_id
+        if model_eos is not None and model_eos not in eos:
             eos.append(model_eos)
     return TokenizerWrapper(hf, SPMStreamingDetokenizer, eos_token_ids=eos)

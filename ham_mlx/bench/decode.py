@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ham_mlx.bench.contenders import Contender
+from ham_mlx.bench.timing import interleaved_step_samples
 
 
 def roofline(c: Contender, seconds_per_step: float, read_gbps: float | None) -> dict[str, Any]:
@@ -54,20 +54,10 @@ def run_decode(
                 secs = c.prefill(stream[:, c.offset : ctx], chunk)
                 prefill_tps[c.name] = n / secs
                 log(f"  prefill {c.name:<16} to {ctx:>6}: {n / secs:8.1f} tok/s")
-        samples: dict[str, list[float]] = {c.name: [] for c in contenders}
         with contextlib.ExitStack() as stack:
             for c in contenders:
                 stack.enter_context(c.fixed_thresholds())
-            for c in contenders:
-                for _ in range(warmup):
-                    c.step()
-            for r in range(repeats):
-                k = r % len(contenders)
-                for c in contenders[k:] + contenders[:k]:
-                    for _ in range(steps):
-                        t = time.perf_counter()
-                        c.step()
-                        samples[c.name].append(time.perf_counter() - t)
+            samples = interleaved_step_samples(contenders, warmup, repeats, steps)
         for c in contenders:
             sec = statistics.median(samples[c.name])
             frac = c.kv_fraction()

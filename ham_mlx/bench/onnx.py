@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from ham_mlx.bench.contenders import decode_args
+from ham_mlx.bench.timing import interleaved_step_samples
 from ham_mlx.cache import HAMCache, kv_stats
 from ham_mlx.model import Model
 
@@ -133,16 +134,7 @@ def run_onnx(
                 first[r.name] = np.array(r.step())[0, -1]
             delta = float(np.abs(first["mlx"] - first["onnxruntime"]).max())
             admitted = {r.name: r.admitted() for r in runners}
-            samples: dict[str, list[float]] = {r.name: [] for r in runners}
-            for r in runners:
-                for _ in range(warmup):
-                    r.step()
-            for k in range(repeats):
-                for r in runners[k % 2 :] + runners[: k % 2]:
-                    for _ in range(steps):
-                        t = time.perf_counter()
-                        r.step()
-                        samples[r.name].append(time.perf_counter() - t)
+            samples = interleaved_step_samples(runners, warmup, repeats, steps)
             for r in runners:
                 sec = statistics.median(samples[r.name])
                 rows.append({

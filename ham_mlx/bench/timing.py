@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -28,3 +28,23 @@ def median_seconds(
 def evaluated(fn: Callable[[], Any]) -> Callable[[], None]:
     """fn with its lazy MLX result evaluated, so that the computation itself is timed."""
     return lambda: mx.eval(fn())
+
+
+def interleaved_step_samples(
+    runners: Sequence[Any], warmup: int, repeats: int, steps: int
+) -> dict[str, list[float]]:
+    """Seconds of each runner's `step()` by `name`: `warmup` untimed steps each, then `repeats`
+    rounds of `steps` timed steps per runner, the order rotating every round, so that a slow
+    moment of a shared machine hits all of them alike."""
+    samples: dict[str, list[float]] = {r.name: [] for r in runners}
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    for k in range(repeats):
+        k %= len(runners)
+        for r in [*runners[k:], *runners[:k]]:
+            for _ in range(steps):
+                t = time.perf_counter()
+                r.step()
+                samples[r.name].append(time.perf_counter() - t)
+    return samples
