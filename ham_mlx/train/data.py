@@ -80,23 +80,27 @@ class Batches:
         self.cfg, self.seed = cfg, seed
         if cfg.kind == "mqar":
             self.mqar = MQAR(cfg.mqar_vocab, cfg.mqar_pairs, cfg.seq_len, cfg.mqar_queries)
+            self.mqar_train = MQAR(
+                cfg.mqar_vocab, cfg.mqar_pairs, cfg.seq_len, cfg.mqar_queries, cfg.mqar_min_pairs
+            )
             self.vocab_size = cfg.mqar_vocab
         else:
             self.train = TokenFile(cfg.train)
             self.valid = TokenFile(cfg.valid) if cfg.valid else None
             self.vocab_size = self.train.vocab_size
 
-    def _get(self, source, seed: int, size: int):
-        if self.cfg.kind == "mqar":
-            return self.mqar.batch(seed, size)
-        return source.batch(seed, size, self.cfg.seq_len)
-
     def train_batch(self, step: int, size: int):
-        return self._get(getattr(self, "train", None), hash_seed(self.seed, 0, step), size)
+        seed = hash_seed(self.seed, 0, step)
+        if self.cfg.kind == "mqar":
+            return self.mqar_train.batch(seed, size)
+        return self.train.batch(seed, size, self.cfg.seq_len)
 
     def eval_batch(self, index: int, size: int):
-        source = getattr(self, "valid", None) or getattr(self, "train", None)
-        return self._get(source, hash_seed(self.seed, 1, index, 0), size)
+        seed = hash_seed(self.seed, 1, index, 0)
+        if self.cfg.kind == "mqar":
+            return self.mqar.batch(seed, size)
+        source = self.valid if self.valid is not None else self.train
+        return source.batch(seed, size, self.cfg.seq_len)
 
 
 def hash_seed(*parts: int) -> int:
