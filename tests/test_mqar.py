@@ -6,8 +6,6 @@ import ham_mlx  # noqa: F401
 import numpy as np
 import pytest
 
-from ham_mlx.train.config import DataConfig
-from ham_mlx.train.data import Batches
 from ham_mlx.train.mqar import MQAR, PAD
 
 
@@ -16,21 +14,14 @@ def context_pairs(row: np.ndarray) -> int:
     return int(np.nonzero(row[1::2] == PAD)[0][0])
 
 
-@pytest.mark.parametrize(
-    "pairs,queries,seq_len,min_pairs",
-    [(8, None, 40, None), (6, 3, 32, None), (16, None, 72, None), (16, None, 72, 4)],
-)
-def test_answers_are_the_values_paired_with_the_queried_keys(pairs, queries, seq_len, min_pairs):
-    task = MQAR(128, pairs, seq_len, queries, min_pairs)
+@pytest.mark.parametrize("pairs,queries,seq_len", [(8, None, 40), (6, 3, 32), (16, None, 72)])
+def test_answers_are_the_values_paired_with_the_queried_keys(pairs, queries, seq_len):
+    task = MQAR(128, pairs, seq_len, queries)
     x, y, mask = task.batch(seed=3, size=64)
     assert x.shape == y.shape == mask.shape == (64, seq_len)
-    sizes = [context_pairs(r) for r in x]
-    if min_pairs is None:
-        assert set(sizes) == {pairs}
-    else:  # a mixture of sizes, within the bounds
-        assert min(sizes) >= min_pairs and max(sizes) <= pairs and len(set(sizes)) > 3
-    for row, pairs in enumerate(sizes):
-        q = pairs if queries is None else min(queries, pairs)
+    q = pairs if queries is None else queries
+    for row in range(64):
+        assert context_pairs(x[row]) == pairs
         context = x[row, : 2 * pairs]
         table = dict(zip(context[0::2].tolist(), context[1::2].tolist()))
         assert len(table) == pairs  # distinct keys
@@ -59,18 +50,8 @@ def test_batches_are_deterministic_per_seed():
         ((20, 16, 72), "vocab 20 too small"),
         ((128, 16, 40), "seq_len 40 too short for 16 pairs and 16 queries"),
         ((128, 4, 40, 5), r"queries \(5\) must be in \[1, pairs=4\]"),
-        ((128, 4, 40, None, 5), r"min_pairs \(5\) must be in \[1, pairs=4\]"),
     ],
 )
 def test_bad_settings_are_named(args, message):
     with pytest.raises(ValueError, match=message):
         MQAR(*args)
-
-
-def test_training_mixes_sizes_and_held_out_batches_do_not():
-    cfg = DataConfig(kind="mqar", seq_len=72, mqar_vocab=128, mqar_pairs=16, mqar_min_pairs=4)
-    batches = Batches(cfg, seed=0)
-    train = {context_pairs(r) for r in batches.train_batch(0, 64)[0]}
-    held_out = {context_pairs(r) for r in batches.eval_batch(0, 64)[0]}
-    assert len(train) > 3 and min(train) >= 4
-    assert held_out == {16}

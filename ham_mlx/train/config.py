@@ -19,8 +19,6 @@ class DataConfig:
     mqar_vocab: int = 256
     mqar_pairs: int = 16
     mqar_queries: int | None = None  # default: all pairs
-    # train on a mixture of min_pairs..pairs pairs per sequence; held-out batches have mqar_pairs
-    mqar_min_pairs: int | None = None
 
 
 @dataclass

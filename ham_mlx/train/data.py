@@ -80,9 +80,6 @@ class Batches:
         self.cfg, self.seed = cfg, seed
         if cfg.kind == "mqar":
             self.mqar = MQAR(cfg.mqar_vocab, cfg.mqar_pairs, cfg.seq_len, cfg.mqar_queries)
-            self.mqar_train = MQAR(
-                cfg.mqar_vocab, cfg.mqar_pairs, cfg.seq_len, cfg.mqar_queries, cfg.mqar_min_pairs
-            )
             self.vocab_size = cfg.mqar_vocab
         else:
             self.train = TokenFile(cfg.train)
@@ -92,7 +89,7 @@ class Batches:
     def train_batch(self, step: int, size: int):
         seed = hash_seed(self.seed, 0, step)
         if self.cfg.kind == "mqar":
-            return self.mqar_train.batch(seed, size)
+            return self.mqar.batch(seed, size)
         return self.train.batch(seed, size, self.cfg.seq_len)
 
     def eval_batch(self, index: int, size: int):
