@@ -8,7 +8,7 @@ kept in its KV cache, and recall by query index. Writes results.json, results.md
 The all-attention model trains with its own learning rate and more steps (--attn-lr, --attn-steps):
 at HAM's lr it stays on the plateau before its induction heads form (docs/mqar_tradeoff.md).
 
-    python examples/mqar_tradeoff.py                  # about 40 minutes on a 2-core CPU
+    python examples/mqar_tradeoff.py                  # about an hour on a 2-core CPU
     python examples/mqar_tradeoff.py --only attention # retrain some models, keep the other rows
     python examples/mqar_tradeoff.py --quick          # a 2-minute smoke run
 """

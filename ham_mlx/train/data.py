@@ -86,18 +86,17 @@ class Batches:
             self.valid = TokenFile(cfg.valid) if cfg.valid else None
             self.vocab_size = self.train.vocab_size
 
-    def train_batch(self, step: int, size: int):
-        seed = hash_seed(self.seed, 0, step)
+    def _get(self, source, seed: int, size: int):
         if self.cfg.kind == "mqar":
             return self.mqar.batch(seed, size)
-        return self.train.batch(seed, size, self.cfg.seq_len)
+        return source.batch(seed, size, self.cfg.seq_len)
+
+    def train_batch(self, step: int, size: int):
+        return self._get(getattr(self, "train", None), hash_seed(self.seed, 0, step), size)
 
     def eval_batch(self, index: int, size: int):
-        seed = hash_seed(self.seed, 1, index, 0)
-        if self.cfg.kind == "mqar":
-            return self.mqar.batch(seed, size)
-        source = self.valid if self.valid is not None else self.train
-        return source.batch(seed, size, self.cfg.seq_len)
+        source = getattr(self, "valid", None) or getattr(self, "train", None)
+        return self._get(source, hash_seed(self.seed, 1, index, 0), size)
 
 
 def hash_seed(*parts: int) -> int:

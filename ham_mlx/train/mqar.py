@@ -16,13 +16,7 @@ FIRST_TOKEN = 2  # ids 0 (padding) and 1 (reserved) are never keys or values
 
 
 class MQAR:
-    def __init__(
-        self,
-        vocab: int,
-        pairs: int,
-        seq_len: int,
-        queries: int | None = None,
-    ):
+    def __init__(self, vocab: int, pairs: int, seq_len: int, queries: int | None = None):
         queries = pairs if queries is None else queries
         self.vocab, self.pairs, self.queries, self.seq_len = vocab, pairs, queries, seq_len
         half = (vocab - FIRST_TOKEN) // 2
