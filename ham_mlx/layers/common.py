@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # One-token decode of GDN/HAM layers runs a fixed-shape step function (`decode_step` in gdn.py
 # and ham.py) instead of the general path, mx.compile'd so that its elementwise ops fuse.
@@ -33,13 +34,14 @@ def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
 
 
 def causal_short_conv(
-    x: mx.array, weight: mx.array, prev: mx.array | None
+    x: mx.array, weight: mx.array, prev: mx.array | None, ends: np.ndarray | None = None
 ) -> tuple[mx.array, mx.array | None]:
     """Depthwise causal conv + SiLU (spec §3 step 2).
 
     x [B, L, C] raw projected inputs; weight [C, Kc, 1] (tap Kc-1 multiplies the current token);
-    prev [B, Kc-1, C] the inputs before x (None: zeros). Returns (SiLU(conv) [B, L, C], the last
-    Kc-1 inputs [B, Kc-1, C] for the cache, None when Kc = 1).
+    prev [B, Kc-1, C] the inputs before x (None: zeros); ends [B]: row b's real tokens end at
+    ends[b] <= L (right padding; None: all L). Returns (SiLU(conv) [B, L, C], the last Kc-1
+    real inputs [B, Kc-1, C] for the cache, None when Kc = 1).
     """
     B, L, C = x.shape
     Kc = weight.shape[1]
@@ -52,7 +54,10 @@ def causal_short_conv(
     y = xp[:, 0:L] * w[0:1]
     for i in range(1, Kc):
         y = y + xp[:, i : i + L] * w[i : i + 1]
-    return nn.silu(y), xp[:, -(Kc - 1) :]
+    if ends is None or (ends == L).all():
+        return nn.silu(y), xp[:, -(Kc - 1) :]
+    index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
+    return nn.silu(y), mx.take_along_axis(xp, index[..., None], axis=1)
 
 
 def gated_rms_norm(
@@ -63,3 +68,14 @@ def gated_rms_norm(
     if gate is None:
         return y
     return y * (mx.sigmoid(gate) if activation == "sigmoid" else nn.silu(gate))
+
+
+def check_cache(cache: object, expected: type, layer: str) -> None:
+    """A clear error when a layer is handed a cache it cannot honour (another library's, or
+    another layer type's)."""
+    if cache is not None and not isinstance(cache, expected):
+        raise TypeError(
+            f"a {layer} layer needs a ham_mlx {expected.__name__}, got {type(cache).__name__}; "
+            "make caches with model.make_cache() (mlx-lm's own KV caches, quantized or rotating, "
+            "are not supported)"
+        )

@@ -10,9 +10,17 @@ import mlx.nn as nn
 
 from ham_mlx import kernels
 from ham_mlx.cache import GDNCache
+from ham_mlx.cache.recurrent import RecurrentState
+from ham_mlx.cache.rows import CallRows
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers import common
-from ham_mlx.layers.common import causal_short_conv, gated_rms_norm, l2norm, maybe_compiled
+from ham_mlx.layers.common import (
+    causal_short_conv,
+    check_cache,
+    gated_rms_norm,
+    l2norm,
+    maybe_compiled,
+)
 from ham_mlx.ops.gated_delta import gated_delta, gated_delta_step
 
 
@@ -122,16 +130,25 @@ class GatedDeltaNet(nn.Module):
         self.o_norm = nn.RMSNorm(Dv, eps=args.norm_eps)
         self.o_proj = nn.Linear(HV * Dv, D, bias=False)
 
-    def recurrence(self, x: mx.array, cache: GDNCache | None) -> Recurrence:
+    def recurrence(
+        self, x: mx.array, cache: RecurrentState | None, rows: CallRows | None = None
+    ) -> Recurrence:
         """Projections, short conv, decay/beta and the delta-rule scan for x [B, L, D].
 
-        Updates cache.conv and cache.ssm (not cache.offset).
+        rows: the call's real tokens (padding); padded positions leave the conv inputs and the
+        state as they were (their inputs are zeroed, their decay is 1 and their beta 0).
+        Updates cache.conv and cache.ssm (not the cache's offsets).
         """
         B, L, _ = x.shape
         H, HV, Dk, Dv = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
+        valid = None if rows is None else rows.valid
         qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
+        if valid is not None:
+            qkv = mx.where(valid[..., None], qkv, 0)
         w = mx.concatenate([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
-        qkv, conv_state = causal_short_conv(qkv, w, cache.conv if cache is not None else None)
+        prev = cache.conv if cache is not None else None
+        ends = None if valid is None else rows.stop
+        qkv, conv_state = causal_short_conv(qkv, w, prev, ends)
         q, k, v = mx.split(qkv, [H * Dk, 2 * H * Dk], axis=-1)
         q = l2norm(q.reshape(B, L, H, Dk))
         k = l2norm(k.reshape(B, L, H, Dk))
@@ -143,6 +160,9 @@ class GatedDeltaNet(nn.Module):
         beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
         if self.allow_neg_eigval:
             beta = 2.0 * beta
+        if valid is not None:  # padded steps: S <- 1 * S + 0
+            g = mx.where(valid[..., None], g, 0.0)
+            beta = mx.where(valid[..., None], beta, 0.0)
         state = cache.ssm if cache is not None else None
         o, v_hat, state = gated_delta(q * Dk**-0.5, k, v, g, beta, state)
         if cache is not None:
@@ -184,11 +204,11 @@ class GatedDeltaNet(nn.Module):
         p.update(A_log=self["A_log"], dt_bias=self["dt_bias"], o_norm=self["o_norm"]["weight"])
         return p
 
-    def fast_decode(self, x: mx.array, cache: GDNCache | None) -> bool:
+    def fast_decode(self, x: mx.array, cache: RecurrentState | None, rows: CallRows) -> bool:
         """Whether this call may take the fixed-shape one-token path (CPU, float32, Kc > 1,
-        unquantized projections: the step multiplies by the weights directly)."""
+        no padding, unquantized projections: the step multiplies by the weights directly)."""
         return (
-            common.FAST_DECODE and cache is not None and x.shape[1] == 1
+            common.FAST_DECODE and cache is not None and x.shape[1] == 1 and rows.valid is None
             and x.dtype == mx.float32 and self.q_conv1d.weight.shape[1] > 1
             and not kernels.kernels_enabled()
             and all(type(m) is nn.Linear for m in self.step_linears())
@@ -198,6 +218,19 @@ class GatedDeltaNet(nn.Module):
         """The linear layers whose weights the decode step multiplies by directly."""
         names = ("q_proj", "k_proj", "v_proj", "o_proj", "a_proj", "b_proj")
         return [self[n] for n in names + (("g_proj",) if self.use_gate else ())]
+
+    def cache_mismatch(self, cache: RecurrentState) -> str | None:
+        """Why a cache's arrays do not fit this layer (None if they do)."""
+        C = self.q_conv1d.weight.shape[0] * 2 + self.v_conv1d.weight.shape[0]
+        want_ssm = (self.num_v_heads, self.head_v_dim, self.head_dim)
+        if cache.ssm is not None and tuple(cache.ssm.shape[1:]) != want_ssm:
+            return f"state shape {tuple(cache.ssm.shape[1:])}, expected {want_ssm}"
+        want_conv = (self.q_conv1d.weight.shape[1] - 1, C)
+        if cache.conv is not None and tuple(cache.conv.shape[1:]) != want_conv:
+            return f"conv shape {tuple(cache.conv.shape[1:])}, expected {want_conv}"
+        if cache.ssm is not None and cache.conv is None and want_conv[0] > 0:
+            return "conv inputs are missing"
+        return None
 
     def decode_state(self, x: mx.array, cache: GDNCache) -> tuple[mx.array, mx.array]:
         """The cache's conv inputs and state, zeros for an empty cache."""
@@ -210,7 +243,7 @@ class GatedDeltaNet(nn.Module):
             S = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_dim), mx.float32)
         return conv, S
 
-    def decode(self, x: mx.array, cache: GDNCache) -> mx.array:
+    def decode(self, x: mx.array, cache: GDNCache, rows: CallRows) -> mx.array:
         """One token through the compiled `decode_recurrence` + o_proj; updates the cache."""
         cfg = self.step_config()
 
@@ -225,15 +258,17 @@ class GatedDeltaNet(nn.Module):
         y, cache.conv, cache.ssm = maybe_compiled(step, ("gdn", cfg))(
             self.step_params(), x, conv, S
         )
-        cache.offset += 1
+        cache.advance(rows, 1)
         return y
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
         B, L, _ = x.shape
-        if self.fast_decode(x, cache):
-            return self.decode(x, cache)
-        rec = self.recurrence(x, cache)
+        check_cache(cache, GDNCache, "gdn")
+        rows = None if cache is None else cache.call_rows(B, L)
+        if self.fast_decode(x, cache, rows):
+            return self.decode(x, cache, rows)
+        rec = self.recurrence(x, cache, rows)
         if cache is not None:
-            cache.offset += L
+            cache.advance(rows, L)
         r = self.rnn_output(x, rec.o)
         return self.o_proj(r.astype(x.dtype).reshape(B, L, -1))

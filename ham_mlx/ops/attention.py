@@ -90,8 +90,8 @@ def compact_attention(
     """Attention over a compact cache of admitted tokens (decode and cached prefill).
 
     q `[B, H, L, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`; counts `[B]`; key_positions
-    `[B, n]`; query_positions `[L]`. Query i attends slot j iff j < counts[b] and
-    key_positions[b, j] <= query_positions[i]. Value head j reads q/k head j // (HV // H).
+    `[B, n]`; query_positions `[L]` or per row `[B, L]`. Query i attends slot j iff
+    j < counts[b] and key_positions[b, j] <= query_positions[(b,) i]. Value head j reads q/k head j // (HV // H).
     Returns `[B, HV, L, Dv]`. This is the plain-ops twin of the admitted-attention kernel.
     """
     H, HV = q.shape[1], values.shape[1]
@@ -99,7 +99,8 @@ def compact_attention(
         q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
     n = keys.shape[2]
     valid = mx.arange(n)[None, :] < counts[:, None]  # [B, n]
-    causal = key_positions[:, None, :] <= query_positions[None, :, None]  # [B, L, n]
+    q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]  # [B|1, L]
+    causal = key_positions[:, None, :] <= q_pos[:, :, None]  # [B, L, n]
     mask = (valid[:, None, :] & causal)[:, None]  # [B, 1, L, n]
     return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)
 
@@ -166,10 +167,13 @@ def cached_admitted_attention(
     """`gated_output(compact_attention(...))`: the HAM attention term over the cache,
     `[B, L, HV, Dv]`. On a GPU a fused kernel computes it (see ham_mlx.kernels)."""
     if kernels.kernels_enabled():
-        if attention_kernel.supported(q, values):
+        if query_positions.ndim != 1:
+            kernels.warn_fallback("admitted-attention", "rows at different positions")
+        elif attention_kernel.supported(q, values):
             args = (q, keys, values, counts, key_positions, query_positions, log_scale, sink)
             return _attention_gpu(*args, key_bias, gate, norm_weight, eps)
-        kernels.warn_fallback("admitted-attention", "head sizes are not multiples of 32")
+        else:
+            kernels.warn_fallback("admitted-attention", "head sizes are not multiples of 32")
     o = compact_attention(
         q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias
     )
