@@ -1,7 +1,7 @@
 """Generate the FLA 0.6.0 oracle fixtures in tests/fixtures/fla/ (run by hand; not in CI).
 
 FLA itself computes every expected number: its `GatedDeltaNetForCausalLM` runs on the CPU with the
-real Triton kernels in Triton's interpreter (see ../shared/docs/fla-oracle.md). For each
+real Triton kernels in Triton's interpreter (`patch_fla_for_cpu`). For each
 configuration this writes `<name>/config.json` + `<name>/model.safetensors` (FLA's own
 `save_pretrained`: the source layout that `ham-mlx convert` reads) and `<name>/oracle.safetensors`:
 
@@ -69,7 +69,7 @@ TORCH_BIN_COPY = "negeig_tied_sigmoid"  # also written as pytorch_model.bin (tie
 
 
 def patch_fla_for_cpu() -> None:
-    """fla-oracle.md, way 1: real kernels in the Triton interpreter."""
+    """Run FLA's real Triton kernels in the Triton interpreter on the CPU."""
     prune = Autotuner.prune_configs
     Autotuner.prune_configs = lambda self, *a, **k: prune(self, *a, **k)[:1]
 

@@ -1,5 +1,5 @@
 """An independent float64 numpy re-implementation of the GDN and HAM layers, written from
-ham-spec.md §3-§4 with explicit loops. It shares no code with ham_mlx."""
+docs/spec.md §3-§4 with explicit loops. It shares no code with ham_mlx."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Inference controls (ham-spec §7): threshold override, kv_budget, max_kv_tokens with evict /
+"""Inference controls (spec §7): threshold override, kv_budget, max_kv_tokens with evict /
 reject, and prompt caches saved to one safetensors file."""
 
 import mlx.core as mx

@@ -118,7 +118,7 @@ def test_fla_config_mapping(converted):
 
 
 def mutations(name):
-    """Bugs from fla-oracle.md, applied to a loaded model; each must move the logits."""
+    """Known porting bugs, applied to a loaded model; each must move the logits."""
 
     def set_weight(key, fn):
         def apply(model):

@@ -1,5 +1,5 @@
 """The GDN and HAM layers against an independent float64 numpy implementation of the spec, and
-the threshold extremes (ham-spec §4.2)."""
+the threshold extremes (spec §4.2)."""
 
 import mlx.core as mx
 import numpy as np

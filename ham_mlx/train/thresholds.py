@@ -1,4 +1,4 @@
-"""Per-layer threshold control during training (ham-spec §6).
+"""Per-layer threshold control during training (spec §6).
 
 A batch is routed with the thresholds of earlier steps; afterwards each HAM layer's τ moves a
 fraction `rate` of the way toward the (1 - target) quantile of that batch's scores. From a cold
