@@ -1,7 +1,7 @@
 """A plain-PyTorch HAM language model (no FLA, no kernels): the PyTorch source layout.
 
 It defines the checkpoint layout that `ham_mlx.convert` reads for `model_type: "ham"` (FLA's
-parameter names plus the HAM ones, ham-spec.md §3-§5), saves checkpoints in it
+parameter names plus the HAM ones, docs/spec.md §3-§5), saves checkpoints in it
 (`save_pretrained`: config.json + model.safetensors or pytorch_model.bin), and is written from the
 spec as straight-line loops, so that its forward pass checks the MLX model on the same weights.
 Full-sequence forward only (no cache). Needs `pip install "ham-mlx[torch]"`.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ham_mlx.config import ModelArgs
 from ham_mlx.convert.safetensors_io import write_safetensors
+from ham_mlx.routers import check_table, get_router
 
 EPS = 1e-6
 
@@ -126,33 +127,45 @@ class Router(nn.Module):
         return torch.sigmoid(self.fc2(F.silu(self.fc1(h))))[..., 0]  # [B, T]
 
 
+def cosine_score(layer: HAMAttention, x, v, v_hat) -> torch.Tensor:
+    """min over value heads of 1 - cos(v_hat, v): s_t [B, T] from v, v_hat [B, T, HV, Dv]."""
+    cos = (v_hat * v).sum(-1) / torch.sqrt((v_hat.pow(2).sum(-1) + EPS) * (v.pow(2).sum(-1) + EPS))
+    return (1 - cos).min(-1).values
+
+
+def l2_score(layer: HAMAttention, x, v, v_hat) -> torch.Tensor:
+    """min over value heads of ‖v - v_hat‖² / ‖v‖²: s_t [B, T]."""
+    return ((v - v_hat).pow(2).sum(-1) / (v.pow(2).sum(-1) + EPS)).min(-1).values
+
+
+def learned_score(layer: HAMAttention, x, v, v_hat) -> torch.Tensor:
+    """The layer's learned router on its input x [B, T, D]: r_t [B, T]."""
+    return layer.router(x)
+
+
+# s_t of each router kind (ham_mlx.routers.ROUTERS): (layer, x, v, v_hat) -> [B, T].
+SCORES = {"cosine": cosine_score, "l2": l2_score, "learned": learned_score}
+check_table(SCORES, "convert.torch_reference.SCORES")
+
+
 class HAMAttention(GatedDeltaNet):
     """Spec §4: the GDN branch, the surprise score, attention over the admitted tokens."""
 
     def __init__(self, args: ModelArgs, threshold: float):
         super().__init__(args)
         D, HV, Dk, Dv = args.hidden_size, args.num_v_heads, args.head_dim, args.head_v_dim
-        self.router_kind = args.ham_router
+        self.router_kind = get_router(args.ham_router)
         self.kv_gate_proj = nn.Linear(D, HV, bias=False)
         self.kv_norm = RMSNorm(Dv, args.norm_eps)
         self.attn_log_scale = nn.Parameter(torch.full((HV,), math.log(math.sqrt(Dk))))
         self.attn_sink = nn.Parameter(torch.zeros(HV))
         self.register_buffer("threshold", torch.tensor(float(threshold)))
-        if self.router_kind == "learned":
+        if self.router_kind.learned:
             self.router = Router(D, args.ham_router_hidden)
 
     def score(self, x, v, v_hat) -> torch.Tensor:
         """s_t [B, T]: min over value heads of the surprise, or the learned router's r_t."""
-        if self.router_kind == "learned":
-            return self.router(x)
-        if self.router_kind == "cosine":
-            cos = (v_hat * v).sum(-1) / torch.sqrt(
-                (v_hat.pow(2).sum(-1) + EPS) * (v.pow(2).sum(-1) + EPS)
-            )
-            e = 1 - cos
-        else:
-            e = (v - v_hat).pow(2).sum(-1) / (v.pow(2).sum(-1) + EPS)
-        return e.min(-1).values
+        return SCORES[self.router_kind.name](self, x, v, v_hat)
 
     def forward(self, x: torch.Tensor, routing: list | None = None) -> torch.Tensor:
         """x [B, T, D] -> [B, T, D]; appends (score [B, T], admitted [B, T]) to `routing`."""
@@ -163,7 +176,7 @@ class HAMAttention(GatedDeltaNet):
         if routing is not None:
             routing.append((s, admitted))
         z = torch.einsum("bthd,bshd->bhts", q, k) * self.attn_log_scale.exp()[:, None, None]
-        if self.router_kind == "learned":
+        if self.router_kind.key_bias_column:
             z = z + torch.log(s.clamp(min=1e-6))[:, None, None, :]
         t = torch.arange(T, device=x.device)
         visible = (t[None, :] <= t[:, None])[None, None] & admitted[:, None, None, :]

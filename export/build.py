@@ -15,17 +15,16 @@ from ham_mlx.model import Model
 
 from .cache_io import LayerIO, layer_ios
 from .graph import BOOL, FLOAT, INT64, Graph, onnx_type
-from .lower import Context, LayerCache, UnsupportedFeature, lower
+from .lower import ROUTER_LOWERINGS, Context, LayerCache, UnsupportedFeature, lower
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
-ROUTERS = ("cosine", "l2", "learned")
 THRESHOLDS = "ham_thresholds"
 
 
 def check_supported(model: Model) -> None:
     """Fail early, naming the feature, on what the lowering cannot express."""
     args = model.args
-    if args.ham_layers and args.ham_router not in ROUTERS:
+    if args.ham_layers and args.ham_router not in ROUTER_LOWERINGS:
         raise UnsupportedFeature(f"ham_router={args.ham_router!r} has no ONNX lowering")
     for i, layer in enumerate(model.layers):
         if layer.layer_type not in ("ham", "gdn", "attn"):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ham_mlx.model import Model
+from ham_mlx.routers import get_router
 
 LAYOUTS = ("compact", "genai")
 
@@ -100,7 +101,7 @@ def layer_ios(model: Model, layout: str = "compact") -> list[LayerIO]:
         if block.layer_type == "gdn":
             ios.append(LayerIO(i, "gdn", **rec))
             continue
-        key_dim = Dk + (1 if m.router_kind == "learned" else 0)
+        key_dim = Dk + (1 if get_router(m.router_kind).key_bias_column else 0)
         if layout == "compact":
             key, value, groups = (H, key_dim), (HV, Dv), 1
         else:

@@ -24,17 +24,17 @@ import mlx.nn as nn
 import numpy as np
 
 from ham_mlx.layers import common as mlx_common
-from ham_mlx.layers import ham as mlx_ham
 from ham_mlx.layers.attention import Attention
 from ham_mlx.layers.gdn import GatedDeltaNet
-from ham_mlx.layers.ham import HAMAttention, Router
+from ham_mlx.layers.ham import HAMAttention
 from ham_mlx.model import FP32_PARAMS, Backbone, Block, GatedMLP, Model
+from ham_mlx.routers import EPS as SCORE_EPS  # of the head surprises and the learned key bias
+from ham_mlx.routers import Router, RouterKind, check_table, get_router
 
 from .cache_io import LayerIO
 from .graph import FLOAT, INT64, Graph
 
 L2NORM_EPS = inspect.signature(mlx_common.l2norm).parameters["eps"].default
-SCORE_EPS = mlx_ham.EPS  # the eps of head_surprise and of the learned router's key bias
 LOWERINGS: dict[type, Callable[..., Any]] = {}
 
 
@@ -228,22 +228,32 @@ def repeat_heads(g: Graph, x: str, groups: int, axis: int) -> str:
 
 
 # ---- the gated delta rule (ham_mlx.ops.gated_delta) ---------------------------------------------
-def head_surprise(g: Graph, v_hat: str, v: str, router: str) -> str:
-    """e^j per value head [..., HV] from v_hat, v [..., HV, Dv] (float32)."""
-    v = g.to_f32(v)
+def cosine_surprise(g: Graph, v_hat: str, v: str) -> str:
+    """The cosine router's e^j [..., HV] from v_hat, v [..., HV, Dv] float32."""
     last = g.i64([-1])
-    if router == "cosine":
-        dot = g.ReduceSum(g.Mul(v_hat, v), last, keepdims=0)
-        norms = g.Mul(
-            g.Add(g.ReduceSum(g.Mul(v_hat, v_hat), last, keepdims=0), g.f32(SCORE_EPS)),
-            g.Add(g.ReduceSum(g.Mul(v, v), last, keepdims=0), g.f32(SCORE_EPS)),
-        )
-        return g.Sub(g.f32(1.0), g.Mul(dot, g.Reciprocal(g.Sqrt(norms))))
-    err = g.Sub(v, v_hat)  # l2
+    dot = g.ReduceSum(g.Mul(v_hat, v), last, keepdims=0)
+    norms = g.Mul(
+        g.Add(g.ReduceSum(g.Mul(v_hat, v_hat), last, keepdims=0), g.f32(SCORE_EPS)),
+        g.Add(g.ReduceSum(g.Mul(v, v), last, keepdims=0), g.f32(SCORE_EPS)),
+    )
+    return g.Sub(g.f32(1.0), g.Mul(dot, g.Reciprocal(g.Sqrt(norms))))
+
+
+def l2_surprise(g: Graph, v_hat: str, v: str) -> str:
+    """The l2 router's e^j [..., HV] from v_hat, v [..., HV, Dv] float32."""
+    last = g.i64([-1])
+    err = g.Sub(v, v_hat)
     return g.Div(
         g.ReduceSum(g.Mul(err, err), last, keepdims=0),
         g.Add(g.ReduceSum(g.Mul(v, v), last, keepdims=0), g.f32(SCORE_EPS)),
     )
+
+
+def head_surprise(g: Graph, v_hat: str, v: str, kind: RouterKind) -> str:
+    """e^j per value head [..., HV] from v_hat, v [..., HV, Dv] (float32), for a head router."""
+    if not kind.per_head:
+        raise ValueError(f"router {kind.name!r} has no head surprise (its score is learned)")
+    return ROUTER_LOWERINGS[kind.name](g, v_hat, g.to_f32(v))
 
 
 def gated_delta(g: Graph, q, k, v, gd, beta, state, heads: tuple[int, int, int, int], emit=None):
@@ -530,20 +540,35 @@ def router(ctx: Context, m: Router, h: str) -> str:
     return g.Sigmoid(g.to_f32(g.Squeeze(r, g.i64([-1]))))  # [B, L]
 
 
+def learned_score(ctx: Context, m: HAMAttention, h: str) -> str:
+    """A learned router's r_t [B, L] from the layer input h: the layer's `router` module."""
+    return lower(ctx, m.router, h, name="router")
+
+
+# The token score of each router kind (ham_mlx.routers.ROUTERS). A head router's entry lowers its
+# `head_surprise` (g, v_hat, v [..., HV, Dv] float32) -> e [..., HV], reduced by a min over heads
+# inside the recurrence's scan; a learned router's entry is (ctx, layer, h) -> r [B, L].
+ROUTER_LOWERINGS: dict[str, Callable[..., str]] = {
+    "cosine": cosine_surprise,
+    "l2": l2_surprise,
+    "learned": learned_score,
+}
+check_table(ROUTER_LOWERINGS, "export.lower.ROUTER_LOWERINGS")
+
+
 @lowers(HAMAttention)
 def ham_attention(ctx: Context, m: HAMAttention, x: str, cache: LayerCache) -> str:
     g = ctx.g
     io = cache.io
     H, HV = m.num_heads, m.num_v_heads
-    learned = m.router_kind == "learned"
+    kind = get_router(m.router_kind)
+    learned = kind.learned
 
     def token_score(body, v_hat, v):  # HAMAttention.surprise, computed inside the scan
-        return body.ReduceMin(
-            head_surprise(body, v_hat, v, m.router_kind), body.i64([-1]), keepdims=0
-        )
+        return body.ReduceMin(head_surprise(body, v_hat, v, kind), body.i64([-1]), keepdims=0)
 
     rec, history = recurrence(ctx, m, x, cache, emit=None if learned else token_score)
-    score = lower(ctx, m.router, x, name="router") if learned else rec.emitted  # [B, L]
+    score = ROUTER_LOWERINGS[kind.name](ctx, m, x) if learned else rec.emitted  # [B, L]
     tau = g.Gather(ctx.thresholds, g.i64(ctx.ham_index))
     ctx.ham_index += 1
     admitted = g.GreaterOrEqual(score, tau)  # [B, L]
@@ -557,7 +582,7 @@ def ham_attention(ctx: Context, m: HAMAttention, x: str, cache: LayerCache) -> s
     v = g.Transpose(rec.v, perm=[0, 2, 1, 3])  # [B, HV, L, Dv]
     gate = lower(ctx, m.kv_gate_proj, x, name="kv_gate_proj")  # [B, L, HV]
     # cache.append(k, v, score, admitted), then attend over the compact cache
-    key_bias = g.Log(g.Max(score, g.f32(SCORE_EPS))) if learned else None
+    key_bias = g.Log(g.Max(score, g.f32(SCORE_EPS))) if kind.key_bias_column else None
     k_rows, v_rows = ham_entries_layout(g, io, k, v, key_bias)
     keys = ham_cache_write(
         g,
@@ -603,7 +628,7 @@ def ham_attention(ctx: Context, m: HAMAttention, x: str, cache: LayerCache) -> s
         ctx.param("attn_log_scale", m.attn_log_scale),
         ctx.param("attn_sink", m.attn_sink),
         (HV, H, HV),
-        key_bias_dim=io.key_dim - 1 if learned else None,
+        key_bias_dim=io.key_dim - 1 if kind.key_bias_column else None,
     )
     kv_out = gated_output(g, o_kv, gate, norm_weight, m.norm_eps)  # [B, L, HV, Dv]
     y = g.Add(rnn_output(ctx, m, x, rec.o), kv_out)

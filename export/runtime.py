@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from ham_mlx.config import ModelArgs
 from ham_mlx.generate import GenerationResponse, collect, prompt_ids, stream_responses
+from ham_mlx.routers import get_router
 from ham_mlx.sample import make_logits_processors, make_sampler
 from ham_mlx.tokenizer import Tokenizer
 
@@ -50,8 +51,8 @@ def _layer_ios(session: ort.InferenceSession, kinds: list[str], args: ModelArgs)
         conv, rec = shapes.get(names.past("conv_state")), shapes.get(names.past("recurrent_state"))
         extra = {}
         if kind == "ham":
-            HV = rec[1]
-            extra = dict(key_dim=args.head_dim + (args.ham_router == "learned"),
+            HV, bias = rec[1], get_router(args.ham_router).key_bias_column
+            extra = dict(key_dim=args.head_dim + (1 if bias else 0),
                          value_groups=HV // value[1] if value[1] != HV else 1)  # fmt: skip
         elif kind == "attn":
             extra = dict(key_dim=key[3], window=args.attn["window_size"])

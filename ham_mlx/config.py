@@ -7,8 +7,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ham_mlx.routers import DEFAULT_ROUTER, ROUTERS, get_router
+
 LAYER_TYPES = ("ham", "gdn", "attn")
-ROUTERS = ("cosine", "l2", "learned")
 GATE_ACTIVATIONS = ("swish", "silu", "sigmoid")
 QUANT_BITS = (2, 3, 4, 5, 6, 8)
 QUANT_GROUP_SIZES = (32, 64, 128)
@@ -35,7 +36,7 @@ class ModelArgs:
     """Configuration of a HAM / GDN / attention hybrid language model.
 
     Field names follow FLA's `GatedDeltaNetConfig` so that FLA `config.json` files read unchanged;
-    the `ham_*` fields and `layer_types` are ours (see ham-spec.md).
+    the `ham_*` fields and `layer_types` are ours (see docs/spec.md).
     """
 
     model_type: str = "ham"
@@ -61,7 +62,7 @@ class ModelArgs:
     eos_token_id: int | None = 3
     pad_token_id: int | None = 0
     layer_types: list[str] | None = None
-    ham_router: str = "cosine"
+    ham_router: str = DEFAULT_ROUTER  # a name in ham_mlx.routers.ROUTERS
     ham_threshold: float | list[float] = 0.5
     ham_router_hidden: int = 64
     ham_kv_target: float | list[float] | None = None
@@ -155,10 +156,10 @@ class ModelArgs:
             fail("layer_types", f"unknown layer type {bad[0]!r}; expected one of {LAYER_TYPES}")
         if "attn" in self.layer_types:
             self._validate_attn()
-        if self.ham_router not in ROUTERS:
-            fail("ham_router", f"expected one of {ROUTERS}")
-        if self.ham_router == "learned" and self.ham_router_hidden <= 0:
-            fail("ham_router_hidden", "must be a positive integer for the learned router")
+        if not isinstance(self.ham_router, str) or self.ham_router not in ROUTERS:
+            fail("ham_router", f"expected one of {tuple(ROUTERS)}")
+        if get_router(self.ham_router).learned and self.ham_router_hidden <= 0:
+            fail("ham_router_hidden", "must be a positive integer for a learned router")
         n_ham = len(self.ham_layers)
         if isinstance(self.ham_threshold, (list, tuple)) and len(self.ham_threshold) != n_ham:
             fail("ham_threshold", f"a per-layer list needs one value per HAM layer ({n_ham})")

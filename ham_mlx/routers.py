@@ -139,27 +139,6 @@ def token_score(e: mx.array) -> mx.array:
     return mx.min(e, axis=-1)
 
 
-def _cosine_step_score(v_hat: mx.array, v: mx.array) -> mx.array:
-    B, HV = v.shape[:2]
-    X = mx.stack([v_hat, v.astype(mx.float32)])  # [2, B, HV, Dv]
-    G = mx.sum(X[:, None] * X[None], axis=-1).reshape(4, B, HV)  # Gram entries per head
-    e = 1.0 - G[1:2] * mx.rsqrt((G[0:1] + EPS) * (G[3:4] + EPS))  # [1, B, HV]
-    return mx.min(e.reshape(B, HV), axis=-1, keepdims=True)  # [B, 1]
-
-
-# fused decode-step forms; the other head routers use the general one
-_STEP_SCORE = {"cosine": _cosine_step_score}
-
-
-def step_token_score(v_hat: mx.array, v: mx.array, kind: str | RouterKind) -> mx.array:
-    """The decode step's s_t `[B, 1]` float32 from v_hat (float32), v `[B, HV, Dv]` for a head
-    router: `token_score(head_surprise(...))`, the cosine's three sums as one Gram reduction."""
-    kind = get_router(kind)
-    if kind.name in _STEP_SCORE:
-        return _STEP_SCORE[kind.name](v_hat, v)
-    return token_score(head_surprise(v_hat[:, None], v[:, None], kind))  # [B, 1]
-
-
 # ---- the learned router -------------------------------------------------------------------------
 class Router(nn.Module):
     """Learned router: r_t = sigmoid(w2ᵀ SiLU(W1 h_t) + b2). Parameters `fc1.weight [R, D]`,
