@@ -1,8 +1,9 @@
 """Which tokens a HAM layer stores: τ and capacity, in one place (spec §4.2, §7).
 
-- `quantile_threshold` is the one rule for "the τ that admits a fraction f of n scores": the
-  ⌈f·n⌉-th largest score (+inf when ⌈f·n⌉ = 0). kv_budget, the trainer's τ controller and the
-  benchmarks all use it.
+- `quantile_threshold` is the one rule for "the τ that admits a fraction f of n scores": midway
+  between the k-th and the (k+1)-th largest score, k = ⌈f·n⌉ (+inf when k = 0, -inf when k = n),
+  so that a τ frozen from these scores does not sit on one of them. kv_budget, the trainer's τ
+  controller and the benchmarks all use it.
 - `admit` is the one admission rule: score >= τ, real (unpadded) tokens only, and with the
   `reject` policy only while the row's cache has room. The general path and the one-token decode
   step both call it.
@@ -27,11 +28,12 @@ MAX_KV_TOKENS_LIMIT = 1 << 30  # a cap beyond this is a typo (or a tampered file
 def quantile_threshold(
     scores: mx.array, fraction: float | mx.array, counts: mx.array | None = None
 ) -> mx.array:
-    """τ [...] that admits ⌈fraction·n⌉ of the n scores of each row of scores [..., N].
+    """τ [...] that admits k = ⌈fraction·n⌉ of the n scores of each row of scores [..., N].
 
-    fraction: a scalar or one per row [...]; counts [...]: the row's first `counts` entries are its
-    scores (the rest is ignored), default all N. τ is the ⌈f·n⌉-th largest score, +inf when
-    ⌈f·n⌉ = 0, so exactly ⌈f·n⌉ scores are >= τ (ties aside).
+    fraction: a scalar or one per row [...]; counts [...]: the row's first `counts` entries are
+    its scores (the rest is ignored), default all N. τ lies midway between the k-th and the
+    (k+1)-th largest score (+inf when k = 0, -inf when k = n), so exactly k scores are >= τ
+    (ties aside).
     """
     N = scores.shape[-1]
     scores = scores.astype(mx.float32)
@@ -39,11 +41,13 @@ def quantile_threshold(
     if counts is not None:
         scores = mx.where(mx.arange(N) < n[..., None], scores, mx.inf)  # ignored entries last
     kept = mx.ceil(mx.array(fraction, dtype=mx.float32) * n - 1e-6).astype(mx.int32)
-    kept = mx.clip(kept, 0, n)
+    kept = mx.broadcast_to(mx.clip(kept, 0, n), scores.shape[:-1])
     ascending = mx.sort(scores, axis=-1)
     index = mx.clip(n - kept, 0, N - 1)
-    tau = mx.take_along_axis(ascending, mx.broadcast_to(index, kept.shape)[..., None], axis=-1)
-    return mx.where(kept <= 0, mx.inf, tau[..., 0])
+    low = mx.take_along_axis(ascending, index[..., None], axis=-1)[..., 0]  # k-th largest
+    below = mx.take_along_axis(ascending, mx.maximum(index - 1, 0)[..., None], axis=-1)[..., 0]
+    tau = mx.where(kept >= n, -mx.inf, 0.5 * (low + below))
+    return mx.where(kept <= 0, mx.inf, tau)
 
 
 def admit(
@@ -291,7 +295,8 @@ class Admission:
         keys = {"threshold", "kv_budget", "max_kv_tokens", "kv_policy", "row_thresholds",
                 "row_budgets"}  # fmt: skip
         if set(d) != keys:
-            raise ValueError(f"{where}: HAM controls have keys {sorted(d)}, expected {sorted(keys)}")
+            raise ValueError(f"{where}: HAM controls have keys {sorted(d)}, expected "
+                             f"{sorted(keys)}")  # fmt: skip
         check_controls(d["threshold"], d["kv_budget"], d["max_kv_tokens"], d["kv_policy"], where)
         out = cls(d["threshold"], d["kv_budget"], d["max_kv_tokens"], d["kv_policy"])
         per_row = (d["row_thresholds"], d["row_budgets"])

@@ -176,7 +176,7 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Generate from a prompt (text, or token ids), yielding pieces of text with statistics.
 
-    The HAM controls (ham-spec §7): `threshold` replaces the trained τ (lower keeps more tokens:
+    The HAM controls (spec §7): `threshold` replaces the trained τ (lower keeps more tokens:
     better recall, more memory), `kv_budget` holds a target admitted fraction by adapting τ online,
     `max_kv_tokens` caps each layer's cache (`kv_policy` "evict" drops the lowest-scoring entries,
     "reject" refuses new tokens once full).

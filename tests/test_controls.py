@@ -131,14 +131,29 @@ def test_prompt_cache_round_trip(tmp_path, layers):
 
 
 def test_steady_threshold_admits_the_budget_of_recent_scores_whatever_the_debt():
-    from ham_mlx.controls import BudgetController
+    from ham_mlx.admission import BudgetRow, budget_thresholds
 
     rng = np.random.default_rng(0)
-    scores = rng.uniform(0, 2, size=(2, 400))
-    ctl = BudgetController(0.25, window=400)
-    ctl.observe(scores, np.ones_like(scores, dtype=bool))  # over-admitted: big negative debt
-    assert np.all(ctl.threshold() == np.inf)  # the next call pays the debt back
-    tau = ctl.steady_threshold()
-    admitted = (scores > tau[:, None]).mean(axis=1)
+    scores = rng.uniform(0, 2, size=(2, 400)).astype(np.float32)
+    rows = [BudgetRow(0.25, window=400) for _ in range(2)]
+    for row, s in zip(rows, scores):
+        row.observe(s, np.ones_like(s, dtype=bool))  # over-admitted: big negative debt
+    assert np.all(np.array(budget_thresholds(rows)) == np.inf)  # the next call pays it back
+    tau = np.array(budget_thresholds(rows, steady=True))
+    admitted = (scores >= tau[:, None]).mean(axis=1)
     assert np.allclose(admitted, 0.25, atol=0.005)
-    assert BudgetController(0.0).steady_threshold() is None  # nothing observed yet
+
+
+def test_one_quantile_rule_admits_the_ceiling_of_the_fraction():
+    from ham_mlx.admission import quantile_threshold
+
+    rng = np.random.default_rng(1)
+    scores = rng.uniform(0, 2, size=(3, 37)).astype(np.float32)
+    for f in (0.0, 0.01, 0.1, 0.5, 0.99, 1.0):
+        tau = np.array(quantile_threshold(mx.array(scores), f))
+        kept = (scores >= tau[:, None]).sum(axis=1)
+        assert (kept == int(np.ceil(f * 37 - 1e-6))).all(), f
+    counts = mx.array([37, 10, 1])  # only each row's first `counts` entries are its scores
+    tau = np.array(quantile_threshold(mx.array(scores), 0.5, counts))
+    for b, n in enumerate([37, 10, 1]):
+        assert (scores[b, :n] >= tau[b]).sum() == int(np.ceil(0.5 * n))

@@ -57,7 +57,7 @@ def check_states(model, cache, o, when: str, seen: int) -> list[str]:
     for i, (block, c) in enumerate(zip(model.layers, cache)):
         key = f"{when}.{i}"
         if block.layer_type == "attn":
-            k_ours, v_ours = c.state  # [B, Nkv, fill, hd]
+            k_ours, v_ours = c.state[:2]  # [B, Nkv, fill, hd]
             window = block.attn.window
             assert c.fill == (seen if window is None else min(seen, window - 1))
             for name, ours in (("k", k_ours), ("v", v_ours)):

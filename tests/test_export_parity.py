@@ -45,7 +45,7 @@ def assert_same_caches(model, r, atol=1e-4):
             got = ham_entries(io, arrays)
             assert got["count"] == c.admitted_counts()
             np.testing.assert_array_equal(admitted_count(io, arrays), c.admitted_counts())
-            _, _, keys, values, _, scores, _ = c.state
+            keys, values, _, scores = c.state[2:6]
             for b, n in enumerate(got["count"]):
                 np.testing.assert_allclose(got["keys"][b], f32(keys[b, :, :n]), atol=atol, rtol=0)
                 np.testing.assert_allclose(
@@ -55,7 +55,7 @@ def assert_same_caches(model, r, atol=1e-4):
                     expected = np.log(np.maximum(f32(scores[b, :n]), 1e-6))
                     np.testing.assert_allclose(got["bias"][b], expected, atol=atol, rtol=0)
         elif io.kind == "attn":
-            keys, values = c.state
+            keys, values = c.state[:2]
             n = keys.shape[2]  # the tokens MLX keeps (all, or the last window - 1)
             seen = r["onnx_cache"].offset
             slots = np.arange(seen - n, seen) % arrays[io.present("key")].shape[2]

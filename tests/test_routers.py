@@ -20,7 +20,6 @@ from ham_mlx.routers import (
     head_surprise,
     key_bias,
     learned_score,
-    step_token_score,
     token_score,
 )
 
@@ -122,15 +121,6 @@ def test_head_surprise_matches_float64(name, seed):
     assert e16.dtype == mx.float32
     ref16 = surprise64(v_hat, v.astype(np.float16), name)
     np.testing.assert_allclose(np.array(e16), ref16, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", HEAD_KINDS)
-def test_step_token_score_is_token_score_of_head_surprise(name):
-    v_hat, v = (x.reshape(14, 3, 16) for x in head_inputs(3))  # [B, HV, Dv]: one token per row
-    step = step_token_score(mx.array(v_hat), mx.array(v), name)
-    assert step.shape == (14, 1) and step.dtype == mx.float32
-    full = token_score(head_surprise(mx.array(v_hat[:, None]), mx.array(v[:, None]), name))
-    np.testing.assert_allclose(np.array(step), np.array(full), rtol=0, atol=1e-6)
 
 
 def test_head_surprise_refuses_a_learned_router():

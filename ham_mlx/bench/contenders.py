@@ -89,17 +89,16 @@ class Contender:
         """Freeze every HAM layer's τ at its budget controller's current value meanwhile."""
         saved = []
         for c in self.cache:
-            if isinstance(c, HAMCache) and c.budget is not None:
+            if isinstance(c, HAMCache) and c.kv_budget is not None:
                 c.settle()
-                tau = c.budget.steady_threshold()
-                saved.append((c, c.threshold, c.kv_budget, c.budget))
-                c.threshold, c.kv_budget, c.budget = float(tau[0]), None, None
+                saved.append((c, c.admission))
+                c.admission = c.admission.freeze(c.admission.steady_thresholds())
         try:
             yield
         finally:
-            for c, threshold, kv_budget, budget in saved:
+            for c, admission in saved:
                 c.settle()
-                c.threshold, c.kv_budget, c.budget = threshold, kv_budget, budget
+                c.admission = admission
 
     # ---- memory -------------------------------------------------------------------------------
     def kv_bytes(self) -> int:

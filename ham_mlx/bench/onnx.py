@@ -86,7 +86,7 @@ def calibrate(model: Model, tokens: np.ndarray, fraction: float, chunk: int = 25
     for c in cache:
         if isinstance(c, HAMCache):
             c.settle()
-            taus.append(float(c.budget.steady_threshold()[0]))
+            taus.append(float(c.admission.steady_thresholds()[0]))
     return taus
 
 

@@ -121,6 +121,8 @@ class AttnCache(RowState):
 
     @property
     def state(self) -> list:
+        if self.window is not None:
+            self._drop_outside_window()
         if self.buffer.entries is None:
             offsets = None if self.offsets is None else mx.array(self.offsets.astype(np.int32))
             return [None, None, None, None, offsets, self.window]

@@ -121,11 +121,12 @@ def trace(
         if i not in chosen:
             continue
         c = cache[i]
-        _, _, _, _, positions, _, count = c.state  # positions [1, n], count [1]
-        held = np.array(positions[0, : int(count[0])])
+        count = c.admitted_counts()[0]
+        held = np.array(c.positions[0, :count]) if count else np.zeros(0, dtype=np.int64)
         admitted = np.zeros(L, dtype=bool)
         admitted[held] = True
         tau = c.threshold if c.threshold is not None else float(model.layers[i].attn.threshold)
+
         scores_l = np.concatenate([np.array(ch[j][0], dtype=np.float32) for ch in chunks])
         out.append(LayerTrace(i, float(tau), scores_l, admitted))
     return Trace(

@@ -91,7 +91,8 @@ def compact_attention(
 
     q `[B, H, L, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`; counts `[B]`; key_positions
     `[B, n]`; query_positions `[L]` or per row `[B, L]`. Query i attends slot j iff
-    j < counts[b] and key_positions[b, j] <= query_positions[(b,) i]. Value head j reads q/k head j // (HV // H).
+    j < counts[b] and key_positions[b, j] <= query_positions[(b,) i]. Value head j reads q/k
+    head j // (HV // H).
     Returns `[B, HV, L, Dv]`. This is the plain-ops twin of the admitted-attention kernel.
     """
     H, HV = q.shape[1], values.shape[1]

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ham_mlx.admission import quantile_threshold
+
 
 def batch_quantile(scores: mx.array, fraction_kept: float) -> mx.array:
-    """The score above which `fraction_kept` of the entries of scores lie (a scalar)."""
-    flat = mx.sort(scores.reshape(-1))
-    n = flat.size
-    index = min(max(int(round((1.0 - fraction_kept) * n)), 0), n - 1)
-    return flat[index]
+    """The τ that admits `fraction_kept` of the entries of scores (a scalar): the one quantile
+    rule of `ham_mlx.admission`, kept finite (just outside the scores when it admits none or
+    all) so that τ can move toward it."""
+    flat = scores.reshape(-1)
+    tau = quantile_threshold(flat, fraction_kept)
+    return mx.clip(tau, mx.min(flat) - 1e-3, mx.max(flat) + 1e-3)
 
 
 def update_thresholds(layers, scores: list[mx.array], targets: list[float], rate: float) -> None:
