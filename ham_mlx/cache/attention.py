@@ -119,10 +119,14 @@ class AttnCache(RowState):
             "and the ONNX export's attention as float); run without kv_bits"
         )
 
-    @property
-    def state(self) -> list:
+    def compact(self) -> None:
+        """Drop the entries outside the window now (otherwise done when the buffer would grow)."""
         if self.window is not None:
             self._drop_outside_window()
+
+    @property
+    def state(self) -> list:
+        self.compact()
         if self.buffer.entries is None:
             offsets = None if self.offsets is None else mx.array(self.offsets.astype(np.int32))
             return [None, None, None, None, offsets, self.window]

@@ -47,6 +47,15 @@ class StepConfig(NamedTuple):
     norm_eps: float
 
 
+def decay_and_beta(a, b, A_log, dt_bias, allow_neg_eigval: bool) -> tuple[mx.array, mx.array]:
+    """g = -exp(A_log) · softplus(a + dt_bias) (log decay) and β = sigmoid(b) (2·sigmoid(b) with
+    negative eigenvalues), float32, from the a/b projections [..., HV] (spec §3 steps 5-6)."""
+    a, b = a.astype(mx.float32), b.astype(mx.float32)
+    g = -mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias.astype(mx.float32))
+    beta = mx.sigmoid(b)
+    return g, (2.0 * beta if allow_neg_eigval else beta)
+
+
 def decode_recurrence(p: dict, x: mx.array, conv: mx.array, S: mx.array, cfg: StepConfig):
     """`recurrence` for one token, as a pure function (the fast decode path).
 
@@ -66,10 +75,7 @@ def decode_recurrence(p: dict, x: mx.array, conv: mx.array, S: mx.array, cfg: St
     v = v.reshape(B, HV, Dv)
     small = (x[:, 0] @ p["small"].T).astype(mx.float32)  # [B, n]: a | b | ...
     a, b = small[:, :HV], small[:, HV : 2 * HV]
-    g = -mx.exp(p["A_log"].astype(mx.float32)) * nn.softplus(a + p["dt_bias"].astype(mx.float32))
-    beta = mx.sigmoid(b)
-    if cfg.allow_neg_eigval:
-        beta = 2.0 * beta
+    g, beta = decay_and_beta(a, b, p["A_log"], p["dt_bias"], cfg.allow_neg_eigval)
     qs, ks = (q * Dk**-0.5).astype(mx.float32), k.astype(mx.float32)
     if HV != H:  # value head j reads q/k head j // (HV // H)
         qs, ks = mx.repeat(qs, HV // H, axis=1), mx.repeat(ks, HV // H, axis=1)
@@ -153,13 +159,8 @@ class GatedDeltaNet(nn.Module):
         q = l2norm(q.reshape(B, L, H, Dk))
         k = l2norm(k.reshape(B, L, H, Dk))
         v = v.reshape(B, L, HV, Dv)
-        a = self.a_proj(x).astype(mx.float32)  # [B, L, HV]
-        g = -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
-            a + self.dt_bias.astype(mx.float32)
-        )
-        beta = mx.sigmoid(self.b_proj(x).astype(mx.float32))
-        if self.allow_neg_eigval:
-            beta = 2.0 * beta
+        a, b = self.a_proj(x), self.b_proj(x)  # [B, L, HV]
+        g, beta = decay_and_beta(a, b, self.A_log, self.dt_bias, self.allow_neg_eigval)
         if valid is not None:  # padded steps: S <- 1 * S + 0
             g = mx.where(valid[..., None], g, 0.0)
             beta = mx.where(valid[..., None], beta, 0.0)
