@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,6 +89,24 @@ class BudgetRow:
     @property
     def observed(self) -> bool:
         return self.seen > 0
+
+    def history(self) -> dict:
+        return {"recent": [float(x) for x in self.recent], "seen": self.seen,
+                "admitted": self.admitted}  # fmt: skip
+
+    def restore(self, h: Any, where: str) -> None:
+        """Take `history()` back, checking it (a ValueError naming `where`)."""
+        ok = isinstance(h, dict) and set(h) == {"recent", "seen", "admitted"}
+        ok = ok and isinstance(h["recent"], list) and len(h["recent"]) <= self.window
+        ok = ok and all(type(x) is float and math.isfinite(x) for x in h["recent"])
+        ok = ok and all(type(h[k]) is int for k in ("seen", "admitted"))
+        ok = ok and 0 <= h["admitted"] <= h["seen"] <= (1 << 40)
+        ok = ok and len(h["recent"]) == min(h["seen"], self.window)
+        if not ok:
+            raise ValueError(f"{where} must hold 'recent' finite scores (at most {self.window}, "
+                             "one per token seen) and counts 0 <= admitted <= seen")  # fmt: skip
+        self.recent = np.array(h["recent"], dtype=np.float32)
+        self.seen, self.admitted = h["seen"], h["admitted"]
 
     def rate(self) -> float:
         debt = self.budget * self.seen - self.admitted
@@ -278,6 +297,7 @@ class Admission:
 
     # ---- files --------------------------------------------------------------------------------
     def to_json(self) -> dict:
+        self.settle_pending()
         return {
             "threshold": self.threshold, "kv_budget": self.kv_budget,
             "max_kv_tokens": self.max_kv_tokens, "kv_policy": self.kv_policy,
@@ -285,30 +305,49 @@ class Admission:
             "row_budgets": None if self.budgets is None else [
                 None if b is None else b.budget for b in self.budgets
             ],
+            "row_history": None if self.budgets is None else [
+                None if b is None else b.history() for b in self.budgets
+            ],
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, d: Any, rows: int | None, where: str) -> Admission:
-        """Rebuild from `to_json`, checking every field (a budget's history starts afresh)."""
+        """Rebuild from `to_json`, checking every field (kv_budget rows with their history)."""
         if not isinstance(d, dict):
             raise ValueError(f"{where}: HAM controls must be a JSON object")
         keys = {"threshold", "kv_budget", "max_kv_tokens", "kv_policy", "row_thresholds",
-                "row_budgets"}  # fmt: skip
+                "row_budgets", "row_history"}  # fmt: skip
         if set(d) != keys:
             raise ValueError(f"{where}: HAM controls have keys {sorted(d)}, expected "
                              f"{sorted(keys)}")  # fmt: skip
+        per_row = (d["row_thresholds"], d["row_budgets"])
+        numbers = [("threshold", d["threshold"]), ("kv_budget", d["kv_budget"])] + [
+            (name, v) for name, p in zip(("row_thresholds", "row_budgets"), per_row)
+            if isinstance(p, list) for v in p
+        ]  # fmt: skip
+        for name, v in numbers:  # a JSON integer beyond a float's range breaks the math below
+            if type(v) is int and abs(v) > sys.float_info.max:
+                raise ValueError(f"{where}: {name} holds an integer too large for a float")
         check_controls(d["threshold"], d["kv_budget"], d["max_kv_tokens"], d["kv_policy"], where)
         out = cls(d["threshold"], d["kv_budget"], d["max_kv_tokens"], d["kv_policy"])
-        per_row = (d["row_thresholds"], d["row_budgets"])
         if all(p is None for p in per_row):
             return out
+        n = rows if rows is not None else len(per_row[0]) if isinstance(per_row[0], list) else -1
         for name, p in zip(("row_thresholds", "row_budgets"), per_row):
-            if not isinstance(p, list) or (rows is not None and len(p) != rows):
+            if not isinstance(p, list) or len(p) != n:
                 raise ValueError(f"{where}: {name} must be a list of one value per row ({rows})")
         for t, b in zip(*per_row):
             check_controls(t, b, None, "evict", where)
         out.thresholds = list(d["row_thresholds"])
         out.budgets = [None if b is None else BudgetRow(b) for b in d["row_budgets"]]
+        history = d["row_history"]
+        if not isinstance(history, list) or len(history) != len(out.budgets):
+            raise ValueError(f"{where}: row_history must be a list of one entry per row")
+        for b, (row, h) in enumerate(zip(out.budgets, history)):
+            if (row is None) != (h is None):
+                raise ValueError(f"{where}: row_history[{b}] must be given exactly for budget rows")
+            if row is not None:
+                row.restore(h, f"{where}: row_history[{b}]")
         return out
 
 

@@ -41,7 +41,12 @@ class AttnCache(RowState):
 
     @property
     def fill(self) -> int:
-        return self.buffer.n_max
+        """Entries per row that attention can still read (the longest row's)."""
+        return int(self.window_counts().max(initial=0))
+
+    def window_counts(self) -> np.ndarray:
+        """[B] entries per row within the window (stored ones may be more, until dropped)."""
+        return self.counts if self.window is None else np.minimum(self.counts, self.window - 1)
 
     def empty(self) -> bool:
         return self.buffer.entries is None
@@ -119,20 +124,30 @@ class AttnCache(RowState):
             "and the ONNX export's attention as float); run without kv_bits"
         )
 
-    def compact(self) -> None:
-        """Drop the entries outside the window now (otherwise done when the buffer would grow)."""
-        if self.window is not None:
-            self._drop_outside_window()
+    def window_entries(self) -> tuple[Entries, np.ndarray]:
+        """Each row's entries within the window, without dropping the others from the buffer
+        (so that the cache stays trimmable): entries [B, ., m, .] and counts [B]."""
+        counts, kept = self.counts, self.window_counts()
+        if (kept == counts).all():
+            return self.buffer.view(self.buffer.n_max), counts
+        m = int(kept.max())
+        index = mx.array((np.arange(m)[None, :] + (counts - kept)[:, None]).astype(np.int32))
+        e = self.buffer.entries
+        head = index[:, None, :, None]
+        return Entries(
+            mx.take_along_axis(e.keys, head, axis=2), mx.take_along_axis(e.values, head, axis=2),
+            mx.take_along_axis(e.positions, index, axis=1),
+            mx.take_along_axis(e.scores, index, axis=1),
+        ), kept  # fmt: skip
 
     @property
     def state(self) -> list:
-        self.compact()
         if self.buffer.entries is None:
             offsets = None if self.offsets is None else mx.array(self.offsets.astype(np.int32))
             return [None, None, None, None, offsets, self.window]
-        e = self.buffer.view(self.buffer.n_max)
+        e, counts = self.window_entries()
         return [
-            e.keys, e.values, e.positions, self.buffer.count,
+            e.keys, e.values, e.positions, mx.array(counts.astype(np.int32)),
             mx.array(self.offsets.astype(np.int32)), self.window,
         ]  # fmt: skip
 
@@ -157,6 +172,7 @@ class AttnCache(RowState):
         values = checks.array(values, where, "values", 4)
         B, N, n, _ = keys.shape
         checks.same(where, "values", values.shape[:3], (B, N, n), "shape[:3]")
+        checks.same(where, "values", values.dtype, keys.dtype, "dtype (the keys')")
         positions = checks.array(positions, where, "positions", 2, checks.INTS)
         checks.same(where, "positions", tuple(positions.shape), (B, n), "shape")
         counts = checks.ints(count, where, "count", B, 0, n)
@@ -168,6 +184,8 @@ class AttnCache(RowState):
                 checks.fail(where, "positions", f"of row {b} are not increasing within [0, offset)")
         if (counts > offsets).any():
             checks.fail(where, "count", "exceeds the tokens seen (offsets)")
+        if window is None and (counts != offsets).any():
+            checks.fail(where, "count", "differs from offsets in a cache without a window")
         self.offsets = offsets
         self.dropped = bool((counts < offsets).any())
         self.buffer._load(Entries(keys, values, positions, mx.zeros((B, n))), counts)

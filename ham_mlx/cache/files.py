@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ham_mlx.cache.attention import AttnCache
 from ham_mlx.cache.checks import CacheStateError
@@ -117,7 +118,10 @@ def _check_header(path: Path) -> None:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise PromptCacheError(f"{path}: tensor {name!r}: bad header entry")
+            raise PromptCacheError(
+                f"{path}: tensor {name!r}: bad header entry {json.dumps(info)[:200]} "
+                "(dtype, shape, data_offsets)"
+            )
         numel = 1
         for d in shape:
             numel *= d
@@ -162,6 +166,8 @@ def _parse_metadata(path: Path, meta: dict[str, str]):
     for k, pair in pairs.items():
         if set(pair) != {"0", "1"} or pair["1"] not in ("scalar", "string", "none"):
             raise PromptCacheError(f"{path}: scalar entry 2.{k} is malformed")
+        if pair["0"] in scalars:
+            raise PromptCacheError(f"{path}: tensor {pair['0']!r} has two scalar entries")
         scalars[pair["0"]] = pair["1"]
     return [classes[i] for i in range(len(classes))], user, scalars
 
@@ -219,3 +225,16 @@ def check_against_model(cache: list[Any], model: Any, where: str = "prompt cache
         problem = block.attn.cache_mismatch(c)
         if problem:
             raise PromptCacheError(f"{where}: layer {i} ({want}): {problem}")
+    _check_offsets(cache, where)
+
+
+def _check_offsets(cache: list[Any], where: str) -> None:
+    """Every layer of one model has seen the same tokens in each row."""
+    seen = [(i, c.offsets) for i, c in enumerate(cache) if c.offsets is not None]
+    for i, offsets in seen[1:]:
+        first, want = seen[0]
+        if not np.array_equal(offsets, want):
+            raise PromptCacheError(
+                f"{where}: layer {i}: offsets {offsets.tolist()} differ from layer {first}'s "
+                f"{want.tolist()} (tokens seen per row)"
+            )

@@ -145,7 +145,7 @@ class HAMCache(RecurrentState):
             checks.fail(where, "controls", "must be a JSON string (at most 1 MiB)")
         try:
             parsed = json.loads(controls)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, or an int of > 4300 digits
             checks.fail(where, "controls", f"is not valid JSON ({e})")
         try:
             self.admission = Admission.from_json(parsed, rows, f"{where} controls")
@@ -163,6 +163,7 @@ class HAMCache(RecurrentState):
         values = checks.array(values, where, "values", 4)
         B, H, n, Dk = keys.shape
         checks.same(where, "keys", B, rows, "rows")
+        checks.same(where, "values", values.dtype, keys.dtype, "dtype (the keys')")
         checks.same(where, "values", (values.shape[0], values.shape[2]), (B, n), "(rows, slots)")
         checks.same(where, "keys", Dk, self.ssm.shape[3], "head size (ssm has Dk)")
         checks.same(where, "values", values.shape[1:2] + values.shape[3:],

@@ -15,10 +15,8 @@ def kv_stats(cache: list[Any]) -> list[dict[str, Any]]:
     for c in cache:
         seen_rows = [] if c.offsets is None else [int(o) for o in c.offsets]
         if isinstance(c, (HAMCache, AttnCache)):
-            if isinstance(c, AttnCache):
-                c.compact()
             kind = "ham" if isinstance(c, HAMCache) else "attn"
-            admitted = c.admitted_counts() if kind == "ham" else [int(n) for n in c.counts]
+            admitted = c.admitted_counts() if kind == "ham" else [int(n) for n in c.window_counts()]
             if c.buffer.entries is None:
                 admitted = [0] * len(seen_rows) if kind == "ham" else admitted
             per_token = 0

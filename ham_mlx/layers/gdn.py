@@ -32,10 +32,12 @@ class Recurrence(NamedTuple):
     v: mx.array  # [B, L, HV, Dv]  after conv + SiLU
     o: mx.array  # [B, L, HV, Dv]  S_t q_t, float32
     v_hat: mx.array  # [B, L, HV, Dv]  the RNN's prediction of v_t, float32
+    gate: mx.array | None  # [B, L, HV, Dv] the output gate's logits, float32 (None: no gate)
+    small: mx.array  # [B, L, n] float32: the a | b (| kv_gate) projections
 
 
 class StepConfig(NamedTuple):
-    """The static part of a layer that its one-token decode step closes over."""
+    """The static part of a layer that its branch function closes over."""
 
     H: int
     HV: int
@@ -56,34 +58,67 @@ def decay_and_beta(a, b, A_log, dt_bias, allow_neg_eigval: bool) -> tuple[mx.arr
     return g, (2.0 * beta if allow_neg_eigval else beta)
 
 
-def decode_recurrence(p: dict, x: mx.array, conv: mx.array, S: mx.array, cfg: StepConfig):
-    """`recurrence` for one token, as a pure function (the fast decode path).
+def linear(w, x: mx.array) -> mx.array:
+    """x @ wᵀ for a weight array; a module (a quantized linear) is called instead."""
+    return x @ w.T if isinstance(w, mx.array) else w(x)
 
-    p: the layer's weights (`step_params`; "conv" [C, Kc, 1] the q|k|v conv weights, "small"
-    [n, D] a_proj|b_proj|... stacked); x [B, 1, D] float32; conv [B, Kc-1, C]; S [B, HV, Dv, Dk].
-    Returns q, k `[B, H, Dk]` (l2-normalised, unscaled), v `[B, HV, Dv]`, v̂ and o `[B, HV, Dv]`
-    float32, gate `[B, HV, Dv]` float32 (None without use_gate), the small projections `[B, n]`
-    float32, and the new conv inputs and state.
+
+def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_step=False):
+    """The GDN branch of a layer for x [B, L, D] (spec §3 steps 1-7), as a pure function: the
+    general path calls it, and the one-token decode step calls it compiled (`one_step`: L = 1,
+    the scan as `gated_delta_step`, two passes over the state).
+
+    p: the layer's weights (`branch_params`: projection weights or modules, "conv" [C, Kc, 1]
+    the q|k|v conv weights, "small" the a|b(|kv_gate) projections stacked); conv [B, Kc-1, C]
+    or None (zeros); S [B, HV, Dv, Dk] or None; valid [B, L] bool and ends [B]: the real tokens
+    (padding leaves the conv inputs and the state as they were: zeroed inputs, decay 1, beta 0).
+    Returns (Recurrence, the new conv inputs, the new state).
     """
-    B = x.shape[0]
+    B, L, _ = x.shape
     H, HV, Dk, Dv = cfg.H, cfg.HV, cfg.Dk, cfg.Dv
-    qkv = mx.concatenate([x @ p["q_proj"].T, x @ p["k_proj"].T, x @ p["v_proj"].T], axis=-1)
-    qkv, conv = causal_short_conv(qkv, p["conv"], conv)  # [B, 1, C]
-    qk, v = mx.split(qkv[:, 0], [2 * H * Dk], axis=-1)
-    qk = l2norm(qk.reshape(B, 2 * H, Dk))  # q and k heads in one pass
-    q, k = qk[:, :H], qk[:, H:]
-    v = v.reshape(B, HV, Dv)
-    small = (x[:, 0] @ p["small"].T).astype(mx.float32)  # [B, n]: a | b | ...
-    a, b = small[:, :HV], small[:, HV : 2 * HV]
-    g, beta = decay_and_beta(a, b, p["A_log"], p["dt_bias"], cfg.allow_neg_eigval)
-    qs, ks = (q * Dk**-0.5).astype(mx.float32), k.astype(mx.float32)
-    if HV != H:  # value head j reads q/k head j // (HV // H)
-        qs, ks = mx.repeat(qs, HV // H, axis=1), mx.repeat(ks, HV // H, axis=1)
-    o, v_hat, S = gated_delta_step(qs, ks, v.astype(mx.float32), g, beta, S.astype(mx.float32))
+    qkv = mx.concatenate([linear(p[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
+    if valid is not None:
+        qkv = mx.where(valid[..., None], qkv, 0)
+    qkv, conv = causal_short_conv(qkv, p["conv"], conv, ends)  # [B, L, C]
+    qk, v = mx.split(qkv, [2 * H * Dk], axis=-1)
+    qk = l2norm(qk.reshape(B, L, 2 * H, Dk))  # q and k heads in one pass
+    q, k = qk[:, :, :H], qk[:, :, H:]
+    v = v.reshape(B, L, HV, Dv)
+    small = linear(p["small"], x).astype(mx.float32)  # [B, L, n]: a | b | ...
+    g, beta = decay_and_beta(small[..., :HV], small[..., HV : 2 * HV], p["A_log"], p["dt_bias"],
+                             cfg.allow_neg_eigval)  # fmt: skip
+    if valid is not None:  # padded steps: S <- 1 * S + 0
+        g = mx.where(valid[..., None], g, 0.0)
+        beta = mx.where(valid[..., None], beta, 0.0)
+    if one_step:
+        qs, ks = (q[:, 0] * Dk**-0.5).astype(mx.float32), k[:, 0].astype(mx.float32)
+        if HV != H:  # value head j reads q/k head j // (HV // H)
+            qs, ks = mx.repeat(qs, HV // H, axis=1), mx.repeat(ks, HV // H, axis=1)
+        o, v_hat, S = gated_delta_step(qs, ks, v[:, 0].astype(mx.float32), g[:, 0], beta[:, 0],
+                                       S.astype(mx.float32))  # fmt: skip
+        o, v_hat = o[:, None], v_hat[:, None]
+    else:
+        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S)
     gate = None
     if cfg.use_gate:
-        gate = (x[:, 0] @ p["g_proj"].T).reshape(B, HV, Dv).astype(mx.float32)
-    return q, k, v, v_hat, o, gate, small, conv, S
+        gate = linear(p["g_proj"], x).reshape(B, L, HV, Dv).astype(mx.float32)
+    return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
+
+
+def rnn_output(rec: Recurrence, p: dict, cfg: StepConfig) -> mx.array:
+    """r_t = RMSNorm(o_t) * w_onorm * act(gate_t): [B, L, HV, Dv] float32 (spec §3 step 8)."""
+    weight = p["o_norm"].astype(mx.float32)
+    return gated_rms_norm(rec.o, rec.gate, weight, cfg.norm_eps, cfg.gate_activation)
+
+
+class Stacked:
+    """Several linear modules applied as one: their outputs concatenated (quantized layers)."""
+
+    def __init__(self, modules: list) -> None:
+        self.modules = modules
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.concatenate([m(x) for m in self.modules], axis=-1)
 
 
 class Derived:
@@ -139,48 +174,22 @@ class GatedDeltaNet(nn.Module):
     def recurrence(
         self, x: mx.array, cache: RecurrentState | None, rows: CallRows | None = None
     ) -> Recurrence:
-        """Projections, short conv, decay/beta and the delta-rule scan for x [B, L, D].
-
-        rows: the call's real tokens (padding); padded positions leave the conv inputs and the
-        state as they were (their inputs are zeroed, their decay is 1 and their beta 0).
-        Updates cache.conv and cache.ssm (not the cache's offsets).
-        """
-        B, L, _ = x.shape
-        H, HV, Dk, Dv = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
+        """The GDN branch for x [B, L, D] (`gdn_branch`); rows: the call's real tokens.
+        Updates cache.conv and cache.ssm (not the cache's offsets)."""
         valid = None if rows is None else rows.valid
-        qkv = mx.concatenate([self.q_proj(x), self.k_proj(x), self.v_proj(x)], axis=-1)
-        if valid is not None:
-            qkv = mx.where(valid[..., None], qkv, 0)
-        w = mx.concatenate([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])
-        prev = cache.conv if cache is not None else None
         ends = None if valid is None else rows.stop
-        qkv, conv_state = causal_short_conv(qkv, w, prev, ends)
-        q, k, v = mx.split(qkv, [H * Dk, 2 * H * Dk], axis=-1)
-        q = l2norm(q.reshape(B, L, H, Dk))
-        k = l2norm(k.reshape(B, L, H, Dk))
-        v = v.reshape(B, L, HV, Dv)
-        a, b = self.a_proj(x), self.b_proj(x)  # [B, L, HV]
-        g, beta = decay_and_beta(a, b, self.A_log, self.dt_bias, self.allow_neg_eigval)
-        if valid is not None:  # padded steps: S <- 1 * S + 0
-            g = mx.where(valid[..., None], g, 0.0)
-            beta = mx.where(valid[..., None], beta, 0.0)
-        state = cache.ssm if cache is not None else None
-        o, v_hat, state = gated_delta(q * Dk**-0.5, k, v, g, beta, state)
+        conv, S = (None, None) if cache is None else (cache.conv, cache.ssm)
+        p = self.branch_params()
+        rec, conv, S = gdn_branch(p, x, conv, S, self.step_config(), valid, ends)
         if cache is not None:
-            cache.conv, cache.ssm = conv_state, state
-        return Recurrence(q, k, v, o, v_hat)
+            cache.conv, cache.ssm = conv, S
+        return rec
 
-    def rnn_output(self, x: mx.array, o: mx.array) -> mx.array:
-        """r_t = RMSNorm(o_t) * w_onorm * act(gate_t): [B, L, HV, Dv] float32 (spec §3 step 8)."""
-        B, L, _ = x.shape
-        gate = None
-        if self.use_gate:
-            gate = self.g_proj(x).reshape(B, L, self.num_v_heads, self.head_v_dim)
-            gate = gate.astype(mx.float32)
-        weight = self.o_norm.weight.astype(mx.float32)
-        return gated_rms_norm(o, gate, weight, self.norm_eps, self.gate_activation)
+    def rnn_output(self, rec: Recurrence) -> mx.array:
+        """r_t [B, L, HV, Dv] float32 (spec §3 step 8)."""
+        return rnn_output(rec, {"o_norm": self.o_norm.weight}, self.step_config())
 
-    # ---- one-token decode fast path ---------------------------------------------------------
+    # ---- the branch's parameters, and the one-token decode fast path -------------------------
     def step_config(self) -> StepConfig:
         return StepConfig(
             self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim,
@@ -189,19 +198,29 @@ class GatedDeltaNet(nn.Module):
 
     # Item access (self["q_proj"]["weight"]) below: nn.Module is a dict, and its __getattr__
     # costs a few µs per call, which adds up per layer and token.
-    def small_projections(self) -> list[mx.array]:
-        """The [HV, D] projection weights that the decode step applies as one product."""
-        return [self["a_proj"]["weight"], self["b_proj"]["weight"]]
+    def branch_params(self) -> dict:
+        """What `gdn_branch` reads: `step_params`, with the modules in place of the weights when
+        a projection is not a plain Linear (quantized)."""
+        p = self.step_params()
+        if all(type(m) is nn.Linear for m in self.step_linears()):
+            return p
+        names = ("q_proj", "k_proj", "v_proj", "o_proj") + (("g_proj",) if self.use_gate else ())
+        p.update({n: self[n] for n in names})
+        p["small"] = Stacked(self.small_modules())
+        return p
+
+    def small_modules(self) -> list[nn.Module]:
+        return [self["a_proj"], self["b_proj"]]
 
     def step_params(self) -> dict:
-        """The weights `decode_recurrence` reads, by name."""
+        """The weights `gdn_branch` reads, by name."""
         names = ("q_proj", "k_proj", "v_proj", "o_proj") + (("g_proj",) if self.use_gate else ())
         p = {n: self[n]["weight"] for n in names}
         if "_conv_weight" not in self.__dict__:  # plain attributes (not parameters)
             self._conv_weight, self._small_weight = Derived(), Derived()
         convs = [self[n]["weight"] for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
         p["conv"] = self._conv_weight.get(convs)
-        p["small"] = self._small_weight.get(self.small_projections())
+        p["small"] = self._small_weight.get([m["weight"] for m in self.small_modules()])
         p.update(A_log=self["A_log"], dt_bias=self["dt_bias"], o_norm=self["o_norm"]["weight"])
         return p
 
@@ -245,15 +264,13 @@ class GatedDeltaNet(nn.Module):
         return conv, S
 
     def decode(self, x: mx.array, cache: GDNCache, rows: CallRows) -> mx.array:
-        """One token through the compiled `decode_recurrence` + o_proj; updates the cache."""
+        """One token through the compiled `gdn_branch` + output; updates the cache."""
         cfg = self.step_config()
 
         def step(p, x, conv, S):
-            _, _, _, _, o, gate, _, conv, S = decode_recurrence(p, x, conv, S, cfg)
-            weight = p["o_norm"].astype(mx.float32)
-            r = gated_rms_norm(o, gate, weight, cfg.norm_eps, cfg.gate_activation)
-            y = r.astype(x.dtype).reshape(x.shape[0], 1, -1) @ p["o_proj"].T
-            return y, conv, S
+            rec, conv, S = gdn_branch(p, x, conv, S, cfg, one_step=True)
+            r = rnn_output(rec, p, cfg).astype(x.dtype)  # [B, 1, HV, Dv]
+            return linear(p["o_proj"], r.reshape(*x.shape[:2], -1)), conv, S
 
         conv, S = self.decode_state(x, cache)
         y, cache.conv, cache.ssm = maybe_compiled(step, ("gdn", cfg))(
@@ -271,5 +288,5 @@ class GatedDeltaNet(nn.Module):
         rec = self.recurrence(x, cache, rows)
         if cache is not None:
             cache.advance(rows, L)
-        r = self.rnn_output(x, rec.o)
+        r = self.rnn_output(rec)
         return self.o_proj(r.astype(x.dtype).reshape(B, L, -1))

@@ -11,8 +11,8 @@ from ham_mlx.admission import admit
 from ham_mlx.cache import HAMCache
 from ham_mlx.cache.kv_buffer import append_slots, scatter_entries
 from ham_mlx.config import ModelArgs
-from ham_mlx.layers.common import check_cache, gated_rms_norm, maybe_compiled
-from ham_mlx.layers.gdn import GatedDeltaNet, decode_recurrence
+from ham_mlx.layers.common import check_cache, maybe_compiled
+from ham_mlx.layers.gdn import GatedDeltaNet, gdn_branch, linear, rnn_output
 from ham_mlx.ops.attention import (
     admitted_attention,
     buffer_attention,
@@ -37,9 +37,10 @@ def attended_slots(n: int, alloc: int) -> mx.array:
 
 def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slots, cfg):
     """One token through a HAM layer with a cache, as a pure fixed-shape function (the fast
-    decode path), made of the general path's functions: `head_surprise`/`learned_score`,
-    `admit`, `append_slots`/`scatter_entries`, `gated_rms_norm`, `gated_output`. Its one special
-    form is `buffer_attention` (one query per row, no mask tensor), beside its twin in ops.
+    decode path), made of the general path's functions: `gdn_branch`, `head_surprise` /
+    `learned_score`, `admit`, `append_slots`/`scatter_entries`, `rnn_output`, `gated_output`.
+    Its one special form is `buffer_attention` (one query per row, no mask tensor), beside its
+    twin in ops.
 
     p: the layer's weights (`step_params`); x [B, 1, D]; conv, S: the GDN state; entries: the
     HAMCache buffers (room for this token and the scratch slot already made), count [B];
@@ -52,11 +53,12 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
     """
     gdn, kind = cfg
     B, HV = x.shape[0], gdn.HV
-    q, k, v, v_hat, o, gate, small, conv, S = decode_recurrence(p, x, conv, S, gdn)
+    rec, conv, S = gdn_branch(p, x, conv, S, gdn, one_step=True)
     if kind.learned:
         score = learned_score(p["router"], x)  # [B, 1]
     else:
-        score = token_score(head_surprise(v_hat, v, kind))[:, None]  # [B, 1]
+        score = token_score(head_surprise(rec.v_hat, rec.v, kind))  # [B, 1]
+    q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
     admitted = admit(score, tau, None, count, cap)
     slot = append_slots(count, admitted, scratch)  # [B, 1]
     entries = scatter_entries(entries, slot, k[:, :, None], v[:, :, None], positions, score)
@@ -67,11 +69,9 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
         q, entries.keys[:, :, :m], entries.values[:, :, :m], count, p["attn_log_scale"],
         p["attn_sink"], bias,
     )  # [B, HV, Dv]  # fmt: skip
-    r = gated_rms_norm(o, gate, p["o_norm"].astype(mx.float32), gdn.norm_eps,
-                       gdn.gate_activation)  # fmt: skip
-    kv = gated_output(o_kv[:, :, None], small[:, None, 2 * HV :], p["kv_norm"], gdn.norm_eps)
-    y = r + kv[:, 0]  # [B, HV, Dv]
-    y = y.astype(x.dtype).reshape(B, 1, -1) @ p["o_proj"].T
+    kv = gated_output(o_kv[:, :, None], rec.small[..., 2 * HV :], p["kv_norm"], gdn.norm_eps)
+    y = rnn_output(rec, p, gdn) + kv  # [B, 1, HV, Dv]
+    y = linear(p["o_proj"], y.astype(x.dtype).reshape(B, 1, -1))
     return y, conv, S, entries, count, score, admitted
 
 
@@ -105,8 +105,8 @@ class HAMAttention(GatedDeltaNet):
         return None if got == want else f"admitted (H, Dk, HV, Dv) {got}, expected {want}"
 
     # ---- one-token decode fast path ---------------------------------------------------------
-    def small_projections(self) -> list[mx.array]:
-        return super().small_projections() + [self["kv_gate_proj"]["weight"]]
+    def small_modules(self) -> list[nn.Module]:
+        return super().small_modules() + [self["kv_gate_proj"]]
 
     def step_linears(self) -> list[nn.Module]:
         router = [self.router.fc1, self.router.fc2] if self.router_kind.learned else []
@@ -172,7 +172,7 @@ class HAMAttention(GatedDeltaNet):
         q = rec.q.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         k = rec.k.transpose(0, 2, 1, 3)  # [B, H, L, Dk]
         v = rec.v.transpose(0, 2, 1, 3)  # [B, HV, L, Dv]
-        gate = self.kv_gate_proj(x)  # [B, L, HV]
+        gate = rec.small[..., 2 * HV :]  # [B, L, HV] the kv gate's logits
         learned = self.router_kind.learned
         if cache is None:  # training / one-shot forward: masked attention over the sequence
             bias = key_bias(score) if learned else None  # the router's gradient
@@ -189,5 +189,5 @@ class HAMAttention(GatedDeltaNet):
                 q, keys, values, count, positions, q_pos, self.attn_log_scale, self.attn_sink,
                 bias, gate, self.kv_norm.weight, self.norm_eps,
             )  # fmt: skip
-        y = self.rnn_output(x, rec.o) + kv_out  # [B, L, HV, Dv]
+        y = self.rnn_output(rec) + kv_out  # [B, L, HV, Dv]
         return self.o_proj(y.astype(x.dtype).reshape(B, L, -1))
