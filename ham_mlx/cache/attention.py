@@ -72,15 +72,8 @@ class AttnCache(RowState):
         if self.window is not None and self.buffer.bound + L + 1 > self.buffer.alloc:
             self._drop_outside_window()
         counts = self.counts + rows.counts
-        if self.aligned(rows):
-            n0 = int(rows.offsets[0])
-            self.buffer.reserve(k, v, L)
-            e = self.buffer.entries
-            e.keys[:, :, n0 : n0 + L] = k.astype(e.keys.dtype)
-            e.values[:, :, n0 : n0 + L] = v.astype(e.values.dtype)
-            e.positions[:, n0 : n0 + L] = mx.arange(n0, n0 + L, dtype=mx.int32)[None]
-            self.buffer.count = mx.array(counts.astype(np.int32))
-            self.buffer._appended += L
+        if self.aligned(rows):  # the same as the scatter below, as one slice update
+            self.buffer.write_at(k, v, int(rows.offsets[0]), counts)
         else:
             stored = mx.ones((B, L), dtype=mx.bool_) if rows.valid is None else rows.valid
             scores = mx.zeros((B, L), dtype=mx.float32)
@@ -112,10 +105,7 @@ class AttnCache(RowState):
         n = int(min(n, self.offsets.min()))
         if n > 0:
             self.offsets = self.offsets - n
-            counts = self.counts - n
-            self.buffer.count = mx.array(counts.astype(np.int32))
-            self.buffer.host_counts = counts
-            self.buffer.n_max = int(counts.max())
+            self.buffer.set_counts(self.counts - n)
         return n
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
@@ -177,18 +167,14 @@ class AttnCache(RowState):
         checks.same(where, "positions", tuple(positions.shape), (B, n), "shape")
         counts = checks.ints(count, where, "count", B, 0, n)
         offsets = checks.ints(offsets, where, "offsets", B)
-        pos = np.array(positions).astype(np.int64)
-        for b in range(B):
-            p = pos[b, : counts[b]]
-            if p.size and (p.min() < 0 or p.max() >= offsets[b] or (np.diff(p) <= 0).any()):
-                checks.fail(where, "positions", f"of row {b} are not increasing within [0, offset)")
+        checks.increasing_positions(positions, counts, offsets, where)
         if (counts > offsets).any():
             checks.fail(where, "count", "exceeds the tokens seen (offsets)")
         if window is None and (counts != offsets).any():
             checks.fail(where, "count", "differs from offsets in a cache without a window")
         self.offsets = offsets
         self.dropped = bool((counts < offsets).any())
-        self.buffer._load(Entries(keys, values, positions, mx.zeros((B, n))), counts)
+        self.buffer.load(Entries(keys, values, positions, mx.zeros((B, n))), counts)
 
     @classmethod
     def from_state(cls, state: list) -> AttnCache:

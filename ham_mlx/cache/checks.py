@@ -60,3 +60,12 @@ def ints(value: Any, where: str, field: str, rows: int | None, lo: int = 0, hi: 
 def same(where: str, field: str, got: Any, want: Any, what: str) -> None:
     if got != want:
         fail(where, field, f"has {what} {got}, expected {want}")
+
+
+def increasing_positions(positions: mx.array, counts: np.ndarray, offsets: np.ndarray, where: str):
+    """Each row's stored positions [B, n] (its first counts[b]) increase within [0, offsets[b])."""
+    pos = np.array(positions).astype(np.int64)
+    for b, (n, offset) in enumerate(zip(counts, offsets)):
+        p = pos[b, :n]
+        if p.size and (p.min() < 0 or p.max() >= offset or (np.diff(p) <= 0).any()):
+            fail(where, "positions", f"of row {b} are not increasing within [0, offset)")

@@ -47,7 +47,7 @@ class HAMCache(RecurrentState):
     def settle(self) -> None:
         """Sync the counts, feed kv_budget, and evict down to max_kv_tokens. A no-op when nothing
         was stored since the last call."""
-        if self.buffer.count is None or not self.buffer._appended:
+        if self.buffer.count is None or not self.buffer.changed:
             return
         counts = self.buffer.settle()
         self.admission.settle_pending()
@@ -175,15 +175,11 @@ class HAMCache(RecurrentState):
         for name, a in (("positions", positions), ("scores", scores)):
             checks.same(where, name, tuple(a.shape), (B, n), "shape")
         counts = checks.ints(count, where, "count", B, 0, n)
-        pos = np.array(positions).astype(np.int64)
-        for b in range(B):
-            p = pos[b, : counts[b]]
-            if p.size and (p.min() < 0 or p.max() >= self.offsets[b] or (np.diff(p) <= 0).any()):
-                checks.fail(where, "positions", f"of row {b} are not increasing within [0, offset)")
+        checks.increasing_positions(positions, counts, self.offsets, where)
         cap = self.admission.max_kv_tokens
         if cap is not None and counts.max(initial=0) > cap:
             checks.fail(where, "count", f"exceeds max_kv_tokens={cap}")
-        self.buffer._load(Entries(keys, values, positions, scores), counts)
+        self.buffer.load(Entries(keys, values, positions, scores), counts)
 
     @classmethod
     def from_state(cls, state: list) -> HAMCache:

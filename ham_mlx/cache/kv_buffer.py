@@ -112,6 +112,29 @@ class KVBuffer:
         self.commit(scatter_entries(self.entries, slot, k, v, positions, scores),
                     self.count + stored.astype(mx.int32).sum(axis=1), L)  # fmt: skip
 
+    def write_at(self, k: mx.array, v: mx.array, start: int, counts: np.ndarray) -> None:
+        """Every row stores all L tokens at slots [start, start + L) (rows aligned, no padding):
+        a slice update instead of a scatter. counts [B]: the counts afterwards."""
+        L = k.shape[2]
+        self.reserve(k, v, L)
+        e = self.entries
+        e.keys[:, :, start : start + L] = k.astype(e.keys.dtype)
+        e.values[:, :, start : start + L] = v.astype(e.values.dtype)
+        e.positions[:, start : start + L] = mx.arange(start, start + L, dtype=mx.int32)[None]
+        self.commit(e, mx.array(counts.astype(np.int32)), L)
+
+    def set_counts(self, counts: np.ndarray) -> None:
+        """Host-known counts [B] (no sync), e.g. after dropping the last entries of every row."""
+        self.count = mx.array(counts.astype(np.int32))
+        self.host_counts = counts.astype(np.int64)
+        self.n_max = int(counts.max()) if len(counts) else 0
+        self._appended = 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether entries were written since the last settle."""
+        return self._appended > 0
+
     def commit(self, entries: Entries, count: mx.array, L: int) -> None:
         """Take the buffers after L tokens were written (by `write` or the decode step)."""
         self.entries, self.count = entries, count
@@ -133,10 +156,7 @@ class KVBuffer:
         e.values[:, :, :m] = mx.take_along_axis(e.values, head, axis=2)
         e.positions[:, :m] = mx.take_along_axis(e.positions, idx, axis=1)
         e.scores[:, :m] = mx.take_along_axis(e.scores, idx, axis=1)
-        self.count = mx.array(counts.astype(np.int32))
-        self.host_counts = counts.astype(np.int64)
-        self.n_max = int(counts.max()) if len(counts) else 0
-        self._appended = 0
+        self.set_counts(counts)
 
     # ---- rows ---------------------------------------------------------------------------------
     def select(self, rows: Sequence[int]) -> KVBuffer:
@@ -147,10 +167,10 @@ class KVBuffer:
         n = int(counts.max()) if len(counts) else 0
         idx = mx.array(list(rows))
         e = self.view(n)
-        out._load(Entries(*(a[idx] for a in e)), counts)
+        out.load(Entries(*(a[idx] for a in e)), counts)
         return out
 
-    def _load(self, e: Entries, counts: np.ndarray) -> None:
+    def load(self, e: Entries, counts: np.ndarray) -> None:
         """Take entries [B, ., n, .] (n >= every count) into a fresh buffer with room to grow."""
         B, Hk, n, Dk = e.keys.shape
         self.count = mx.array(counts.astype(np.int32))
@@ -191,7 +211,7 @@ class KVBuffer:
                 ))  # fmt: skip
             else:
                 pieces.append(Entries(*(_pad_to(a, n) for a in p.view(min(n, p.alloc)))))
-        out._load(Entries(*(mx.concatenate(a) for a in zip(*pieces))), np.concatenate(counts))
+        out.load(Entries(*(mx.concatenate(a) for a in zip(*pieces))), np.concatenate(counts))
         return out
 
 
