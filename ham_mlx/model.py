@@ -6,6 +6,7 @@ Follows mlx-lm's model contract: `Model(args)(inputs [B, L], cache) -> logits [B
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import mlx.core as mx
@@ -127,6 +128,7 @@ class Model(nn.Module):
         kv_budget: a target admitted fraction (one, or one per HAM layer), τ adapts online;
         max_kv_tokens: a cap per layer and row; kv_policy "evict" (lowest score first) or "reject".
         """
+        refuse_mlx_lm_max_kv_size()
         n_ham = len(self.ham_layers)
         thresholds = per_layer(threshold, n_ham, "threshold")
         budgets = per_layer(kv_budget, n_ham, "kv_budget")
@@ -168,6 +170,20 @@ class Model(nn.Module):
 
     def thresholds(self) -> list[float]:
         return [float(m.threshold) for m in self.ham_layers]
+
+
+def refuse_mlx_lm_max_kv_size() -> None:
+    """mlx-lm's `make_prompt_cache(model, max_kv_size)` calls `model.make_cache()` without
+    passing `max_kv_size` on. Read it from that caller, so that it is refused, not ignored."""
+    caller = sys._getframe(2)
+    if caller.f_globals.get("__name__") == "mlx_lm.models.cache":
+        size = caller.f_locals.get("max_kv_size")
+        if size is not None:
+            raise ValueError(
+                f"max_kv_size={size}: ham_mlx models do not use mlx-lm's rotating KV cache; cap "
+                "the HAM caches with max_kv_tokens instead (ham-mlx generate --max-kv-tokens N, "
+                "or model.make_cache(max_kv_tokens=N))"
+            )
 
 
 def per_layer(value: Any, n: int, name: str) -> list[Any]:

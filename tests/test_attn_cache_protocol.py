@@ -243,3 +243,16 @@ def test_mlx_lm_caches_are_refused_naming_the_class(layer, name):
     model = make_model((layer,))
     with pytest.raises(TypeError, match=name):
         model(ids(1, 4), [mlx_lm_caches()[name]])
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_mlx_lm_max_kv_size_is_refused_clearly(kind):
+    """mlx-lm builds caches with make_prompt_cache(model, max_kv_size): refused, not ignored."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = make_model(KINDS[kind])
+    with pytest.raises(ValueError, match="^max_kv_size=64: .*max_kv_tokens"):
+        make_prompt_cache(model, max_kv_size=64)
+    with pytest.raises(ValueError, match="^max_kv_size"):
+        list(mlx_lm_generate.generate_step(ids(1, 8)[0], model, max_tokens=2, max_kv_size=64))
+    assert len(make_prompt_cache(model)) == len(model.layers)  # without it: our caches
