@@ -1,7 +1,12 @@
 """Assemble the ONNX graph of a `ham_mlx.Model`: inputs, the lowered model, outputs, metadata.
 
-One graph serves prompt and generation: `input_ids [batch, sequence]` (sequence >= 1) plus the
+One graph serves prompt and generation: `input_ids [batch, sequence]` (sequence >= 1),
+`attention_mask [batch, total_sequence_length]` (onnxruntime-genai's input: 1 for a real token,
+0 for a pad; the graph reads its last `sequence` columns, the current call's), `position_ids
+[batch, sequence]` (models with attention layers: each real token's position in its row) plus the
 past cache tensors in, `logits [batch, sequence, vocab]` (float32) plus the present tensors out.
+Left padding (only on a row that has seen nothing) and right padding are both honoured: pads
+never reach a state or a cache (spec §7.1).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from .lower import ROUTER_LOWERINGS, Context, LayerCache, UnsupportedFeature, lo
 
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 THRESHOLDS = "ham_thresholds"
+MASK = "attention_mask"
 
 
 def check_supported(model: Model) -> None:
@@ -55,6 +61,7 @@ def build_model(
     g = Graph("ham", DTYPES[dtype])
     cache_type = onnx_type(DTYPES[dtype])
     ids = g.input("input_ids", INT64, ["batch", "sequence"])
+    mask = g.input(MASK, INT64, ["batch", "total_sequence_length"])
     positions = None
     if any(io.kind == "attn" for io in ios):
         positions = g.input("position_ids", INT64, ["batch", "sequence"])
@@ -69,7 +76,10 @@ def build_model(
             )
         caches.append(c)
 
-    ctx = Context(g, tau, positions, caches)
+    with g.scope("padding"):  # the current call's columns of the mask, as bool [B, L]
+        L = g.dim(ids, 1)
+        valid = g.Cast(g.Slice(mask, g.Neg(L), g.i64([2**62]), g.i64([1])), to=BOOL)
+    ctx = Context(g, tau, positions, caches, valid=valid)
     logits = lower(ctx, model, ids, name=None)
     g.output(g.to_f32(logits), "logits", FLOAT, ["batch", "sequence", model.args.vocab_size])
     for io, c in zip(ios, caches):

@@ -1,13 +1,13 @@
-"""`export_onnx`: write a model folder's ONNX export (fp32, fp16 or dynamic int8), optionally as an
-onnxruntime-genai folder, check it, and report its parity with the MLX model."""
+"""`export_onnx`: write a model folder's ONNX export (fp32, fp16, or 8-/4-bit weights), optionally
+as an onnxruntime-genai folder, check it, and report its parity with the MLX model."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,19 @@ from ham_mlx.tokenizer import Tokenizer
 from .build import build_model
 from .genai import write_genai_config
 from .parity import compare, report_line
+from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE, KEEP_FLOAT, quantize_weights
 from .runtime import MODEL_FILE, TOKENIZER_FILE, OnnxModel
 
 DATA_FILE = MODEL_FILE + ".data"
-QUANTIZE = ("int8",)
+QUANTIZE = tuple(BITS)  # "int8", "int4": MatMulNBits weights (export/quantize.py)
 REPORT_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n"
 )
+MIN_TOP1 = 0.97  # parity below this top-1 agreement with MLX, or any admission flip, warns
+
+
+class ParityWarning(UserWarning):
+    """The export's parity report is under the thresholds (top-1 agreement, admission flips)."""
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ExportResult:
     path: Path
     report: dict[str, Any] = field(default_factory=dict)  # parity with the MLX model
     lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def save_onnx(proto: onnx.ModelProto, folder: Path) -> Path:
@@ -55,36 +62,15 @@ def save_onnx(proto: onnx.ModelProto, folder: Path) -> Path:
     return path
 
 
-def quantize_int8(folder: Path) -> None:
-    """Dynamic 8-bit weights for the MatMuls with a constant weight (onnxruntime.quantization).
-
-    Only MatMul: the default op list would also rewrite ops it cannot handle. Unsigned 8-bit
-    weights: signed ones saturate in the u8 x s8 products of x86 CPUs with AVX2 but no VNNI
-    (measured here on a random `small` model: relative logit error 0.6 with s8, 0.27 with s8 and
-    reduce_range, 0.05 with u8)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src = folder / MODEL_FILE
-    tmp = folder / "int8.onnx"
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to pre-process
-    try:
-        quantize_dynamic(
-            str(src),
-            str(tmp),
-            op_types_to_quantize=["MatMul"],
-            weight_type=QuantType.QUInt8,
-            per_channel=False,
-            use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
-        )
-    finally:
-        logging.getLogger().setLevel(level)
-    proto = onnx.load(str(tmp))
-    for f in folder.iterdir():
-        if f.name != TOKENIZER_FILE:
-            f.unlink()
-    save_onnx(proto, folder)
+def publish_modes(folder: Path) -> None:
+    """Give the folder and its files the modes a plain mkdir / open would under the process's
+    umask (0755 / 0644 with the usual 022), like every other folder ham-mlx writes:
+    tempfile.mkdtemp makes the folder 0700, and onnx writes external data 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.rglob("*"):
+        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def export_onnx(
@@ -105,10 +91,12 @@ def export_onnx(
 
     threshold: one τ or one per HAM layer, baked in instead of the trained thresholds.
     max_kv_tokens: the HAM layers' default capacity for `ham_mlx.export.runtime` (genai sizes every
-    buffer to max_length instead). dtype "fp32" | "fp16"; quantize "int8" (dynamic, MatMul weights;
-    from fp32). genai: also write genai_config.json (context_length = max_length), tokenizer.json
-    and tokenizer_config.json, with the cache layout genai can allocate. report: compare the export
-    with the MLX model (logits, admission decisions) and write parity.json.
+    buffer to max_length instead). dtype "fp32" | "fp16"; quantize "int8" | "int4": block-wise
+    weights in onnxruntime's MatMulNBits (export/quantize.py; from fp32). genai: also write
+    genai_config.json (context_length = max_length), tokenizer.json and tokenizer_config.json, with
+    the cache layout genai can allocate. report: compare the export with the MLX model (logits,
+    admission decisions), write parity.json, and warn (`ParityWarning`, and a line in `lines`)
+    when top-1 agreement falls under 97% or an admission decision flips.
     """
     from ham_mlx.model_io import load
 
@@ -120,7 +108,7 @@ def export_onnx(
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
     if quantize is not None and dtype != "fp32":
-        raise ValueError("dynamic int8 quantization starts from the fp32 graph: use dtype='fp32'")
+        raise ValueError(f"{quantize} weights are quantized from the fp32 graph: use dtype='fp32'")
     if max_kv_tokens is not None and max_kv_tokens < 1:
         raise ValueError(f"max_kv_tokens={max_kv_tokens} must be a positive integer")
     if genai and tokenizer is None:
@@ -129,8 +117,13 @@ def export_onnx(
     if threshold is not None:
         taus = [float(t) for t in per_layer(threshold, len(model.ham_layers), "threshold")]
     proto, ios = build_model(model, taus, dtype, "genai" if genai else "compact", debug_outputs)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "ham.max_kv_tokens", json.dumps(max_kv_tokens)
+    quantized = []
+    if quantize is not None:
+        proto, quantized = quantize_weights(proto, BITS[quantize])
+    meta = {"ham.max_kv_tokens": json.dumps(max_kv_tokens), "ham.quantize": json.dumps(quantize)}
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +132,6 @@ def export_onnx(
         save_onnx(proto, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
-        if quantize == "int8":
-            quantize_int8(tmp)
         if genai:
             write_genai_config(tmp, model.args, ios, context_length)
             write_hf_tokenizer(tmp / TOKENIZER_FILE, tmp)
@@ -150,17 +141,58 @@ def export_onnx(
                 model, tokenizer, tmp, dtype, quantize, max_kv_tokens
             )
             result.lines.append(line)
+            if quantize is not None:
+                result.report["quantization"] = quantization_summary(quantize, quantized)
+            result.warnings = parity_warnings(result.report)
+            result.report["warnings"] = result.warnings
+            result.lines += [f"warning: {w}" for w in result.warnings]
             (tmp / "parity.json").write_text(json.dumps(result.report, indent=2) + "\n")
+        publish_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for w in result.warnings:
+        warnings.warn(f"{out}: {w}", ParityWarning, stacklevel=2)
     if verbose:
         for line in result.lines:
             print(line)
     return result
+
+
+def parity_warnings(report: dict[str, Any]) -> list[str]:
+    """What falls short in a parity report: top-1 agreement under MIN_TOP1, admission flips."""
+    found = []
+    if report["top1_agreement"] < MIN_TOP1:
+        found.append(
+            f"top-1 agreement with MLX {100 * report['top1_agreement']:.1f}% is under "
+            f"{100 * MIN_TOP1:.0f}%"
+        )
+    if report["admission_flips"]:
+        found.append(
+            f"{report['admission_flips']} of {report['decisions']} HAM admission decisions differ "
+            "from MLX (a flipped token changes that row's cache for the rest of the sequence)"
+        )
+    return found
+
+
+def quantization_summary(quantize: str, tensors: list) -> dict[str, Any]:
+    """parity.json's record of the quantized weights: the scheme, and each tensor's relative
+    weight error ||W - dequantized|| / ||W||."""
+    return {
+        "op": "com.microsoft.MatMulNBits",
+        "bits": BITS[quantize],
+        "block_size": BLOCK_SIZE,
+        "accuracy_level": ACCURACY_LEVEL,
+        "kept_float": list(KEEP_FLOAT),
+        "tensors": [
+            {"name": t.name, "shape": list(t.shape), "bits": t.bits,
+             "relative_error": round(t.relative_error, 6)}
+            for t in tensors
+        ],  # fmt: skip
+    }
 
 
 def parity_report(

@@ -5,6 +5,14 @@ conv/recurrent layers by their input names, reads each layer's head count and wi
 graph, sizes every key/value buffer to `max_length` and binds past and present to one buffer
 (`past_present_share_buffer`). HAM layers therefore have capacity `max_length` under genai: the
 cache never fills, and memory is bounded by `max_length`, not by the admitted fraction.
+
+Batches of prompts of different lengths: genai's `Tokenizer.encode_batch` pads them on the right
+with `pad_token_id`, and genai 0.18 feeds `attention_mask` `[batch, total length]` (0 for the
+`pad_token_id` tokens after a row's last other token, 1 before, then 1 per generated token) and
+`position_ids` (counted over the tokens marked 1), and reads each row's logits at that last token.
+The graph keeps pads out of every state and cache, so each row generates what its prompt alone
+generates. genai takes right padding only (a left pad is marked 1); left padding goes through
+`ham_mlx.export.runtime`. (A prompt ending in `pad_token_id` loses that token to genai.)
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ def genai_config(
     args: ModelArgs, ios: list[LayerIO], context_length: int, filename: str = "model.onnx"
 ) -> dict:
     kv = [io for io in ios if io.key is not None]
-    inputs = {"input_ids": "input_ids"}
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     outputs = {"logits": "logits"}
     if any(io.kind == "attn" for io in ios):
         inputs["position_ids"] = "position_ids"

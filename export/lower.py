@@ -10,6 +10,12 @@ class. Functions named after an MLX function (`causal_short_conv`, `gated_delta`
 
 The cache is the fixed-capacity one of `cache_io`: the layers read their past tensors and set
 their present tensors on a `LayerCache`, as the MLX layers update their cache objects.
+
+Padding (spec §7.1) comes in as `ctx.valid` [B, L] (the last L columns of `attention_mask`): a
+padded position never touches a conv or recurrent state (its q|k|v inputs are zeroed, its decay is
+1 and its write strength 0, and the conv history is taken at the row's last real token), is never
+admitted to a HAM cache, never written to an attention cache, and its own output is never read by
+a real token.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from ham_mlx.routers import EPS as SCORE_EPS  # of the head surprises and the le
 from ham_mlx.routers import Router, RouterKind, check_table, get_router
 
 from .cache_io import LayerIO
-from .graph import FLOAT, INT64, Graph
+from .graph import FLOAT, INT64, NP_TYPES, Graph
 
 L2NORM_EPS = inspect.signature(mlx_common.l2norm).parameters["eps"].default
 LOWERINGS: dict[type, Callable[..., Any]] = {}
@@ -67,8 +73,60 @@ class Context:
     thresholds: str | None  # [n_ham] float32 constant: one τ per HAM layer
     position_ids: str | None  # [B, L] int64 (models with attn layers)
     caches: list[LayerCache]
+    valid: str | None = None  # [B, L] bool: real tokens (None: every position is real)
     path: list[str] = field(default_factory=list)
     ham_index: int = 0
+    _padding: dict[Any, str] = field(default_factory=dict)  # made once, at the top level
+
+    def _once(self, key: Any, make: Callable[[Graph], str]) -> str:
+        """A padding value shared by all layers, built once under the graph's `/padding` scope."""
+        if key not in self._padding:
+            g = self.g
+            scopes, g._scopes = g._scopes, ["padding"]
+            try:
+                self._padding[key] = make(g)
+            finally:
+                g._scopes = scopes
+        return self._padding[key]
+
+    def ends(self) -> str | None:
+        """[B] int64: one past each row's last real token of the call, first + count (0 when it
+        has none; a row's real tokens are one contiguous run)."""
+        if self.valid is None:
+            return None
+
+        def make(g: Graph) -> str:
+            v = g.Cast(self.valid, to=INT64)
+            first = g.ArgMax(v, axis=1, keepdims=0)
+            return g.Add(first, g.ReduceSum(v, g.i64([1]), keepdims=0))
+
+        return self._once("ends", make)
+
+    def history_rows(self, Kc: int) -> str | None:
+        """[B, Kc-1, 1] int64: where each row's last Kc-1 real inputs lie in [conv history; the
+        call's inputs], ends[b] + i (None: no padding, or Kc = 1); `causal_short_conv` gathers
+        them."""
+        if self.valid is None or Kc == 1:
+            return None
+
+        def make(g: Graph) -> str:
+            rows = g.Add(g.Unsqueeze(self.ends(), g.i64([1])), g.i64(np.arange(Kc - 1)[None]))
+            return g.Unsqueeze(rows, g.i64([2]))
+
+        return self._once(("history", Kc), make)
+
+    def masked(self, x: str, rank: int) -> str:
+        """x [B, L, ...] (of rank `rank`, finite) with its padded positions zeroed (x itself when
+        the graph has no padding): a product with the mask as 0/1, cheaper than a Where."""
+        if self.valid is None:
+            return x
+        elem = self.g.types.get(x, self.g.dtype)
+
+        def make(g: Graph) -> str:
+            v = g.Cast(self.valid, to=elem)
+            return v if rank == 2 else g.Unsqueeze(v, g.i64(list(range(2, rank))))
+
+        return self.g.Mul(x, self._once(("mask", rank, elem), make))
 
     def param(self, name: str, array: mx.array, transpose: bool = False) -> str:
         """An initializer named after the MLX parameter, in the compute dtype (FP32_PARAMS fp32)."""
@@ -178,9 +236,11 @@ def l2norm(g: Graph, x: str, eps: float = L2NORM_EPS) -> str:
     return g.Mul(x, g.Reciprocal(g.Sqrt(g.Add(ss, g.const(eps)))))
 
 
-def causal_short_conv(g: Graph, x: str, weight: np.ndarray, prev: str | None):
-    """Depthwise causal conv + SiLU. x [B, L, C]; weight [C, Kc, 1]; prev [B, Kc-1, C].
-    Returns (SiLU(conv) [B, L, C], the last Kc-1 inputs [B, Kc-1, C] or None when Kc = 1)."""
+def causal_short_conv(g: Graph, x: str, weight: np.ndarray, prev: str | None, rows=None):
+    """Depthwise causal conv + SiLU. x [B, L, C]; weight [C, Kc, 1]; prev [B, Kc-1, C]; rows
+    None (every input is real) or `Context.history_rows`: where each row's last Kc-1 real inputs
+    of [prev; x] lie (right padding ends a row early).
+    Returns (SiLU(conv) [B, L, C], the last Kc-1 real inputs [B, Kc-1, C] or None when Kc = 1)."""
     Kc = weight.shape[1]
     if Kc == 1:
         return silu(g, g.Mul(x, g.const(weight[:, 0, 0]))), None
@@ -194,7 +254,11 @@ def causal_short_conv(g: Graph, x: str, weight: np.ndarray, prev: str | None):
     y = g.Mul(taps(0), g.const(w[0]))
     for i in range(1, Kc):
         y = g.Add(y, g.Mul(taps(i), g.const(w[i])))
-    return silu(g, y), g.Slice(xp, g.i64([-(Kc - 1)]), g.i64([2**62]), g.i64([1]))
+    if rows is None:
+        return silu(g, y), g.Slice(xp, g.i64([-(Kc - 1)]), g.i64([2**62]), g.i64([1]))
+    # xp[b, ends[b] : ends[b] + Kc - 1]: the inputs before a row's first pad (its prev when the
+    # call has no real token for it)
+    return silu(g, y), g.GatherND(xp, rows, batch_dims=1)
 
 
 def gated_rms_norm(g: Graph, x: str, gate: str | None, weight: str, eps: float, activation: str):
@@ -395,6 +459,13 @@ def ham_cache_limit(g: Graph, admitted: str, count: str, capacity: str):
     return admitted, g.CumSum(g.Cast(admitted, to=INT64), g.i64(1))
 
 
+def along_slots(g: Graph, x: str, index: str) -> str:
+    """x[b, :, index[b, s], :]: x [B, Hc, N, P], index [B, S] -> [B, Hc, S, P]."""
+    idx = g.Unsqueeze(index, g.i64([1, 3]))
+    shape = g.Concat(g.Shape(x, end=2), g.Shape(index, start=1), g.Shape(x, start=3), axis=0)
+    return g.GatherElements(x, g.Expand(idx, shape), axis=2)
+
+
 def ham_cache_write(g: Graph, past: str, new: str, admitted: str, cum: str, count: str, capacity):
     """HAMCache.append into a fixed buffer: row b's admitted tokens go to slots count[b], ...
     in order, with one circular `TensorScatter` for all rows.
@@ -415,14 +486,9 @@ def ham_cache_write(g: Graph, past: str, new: str, admitted: str, cum: str, coun
     s = g.Unsqueeze(g.Range(g.i64(0), g.Squeeze(width, g.i64([0])), g.i64(1)), g.i64([0]))
     slot = g.Mod(g.Add(g.Unsqueeze(count, g.i64([1])), s), capacity)  # [B, S']
 
-    def along_slots(x, index):  # x[b, :, index[b, s], :]
-        idx = g.Unsqueeze(index, g.i64([1, 3]))
-        shape = g.Concat(g.Shape(x, end=2), g.Shape(index, start=1), g.Shape(x, start=3), axis=0)
-        return g.GatherElements(x, g.Expand(idx, shape), axis=2)
-
     fresh = g.Less(s, n_new)  # [B, S']: the update position holds a new entry
     update = g.Where(
-        g.Unsqueeze(fresh, g.i64([1, 3])), along_slots(new, src), along_slots(past, slot)
+        g.Unsqueeze(fresh, g.i64([1, 3])), along_slots(g, new, src), along_slots(g, past, slot)
     )
     return g.TensorScatter(past, update, count, axis=2, mode="circular")
 
@@ -486,9 +552,13 @@ def recurrence(ctx: Context, m: GatedDeltaNet, x: str, cache: LayerCache, emit=N
         lower(ctx, m.v_proj, x, name="v_proj"),
         axis=-1,
     )
+    qkv = ctx.masked(qkv, 3)  # a pad's inputs are zeros: the conv never reads it
     w = mx.concatenate([m.q_conv1d.weight, m.k_conv1d.weight, m.v_conv1d.weight])
     history, _ = read_conv_state(g, cache)
-    qkv, conv_state = causal_short_conv(g, qkv, np.array(w.astype(mx.float32)), history)
+    Kc = w.shape[1]
+    qkv, conv_state = causal_short_conv(
+        g, qkv, np.array(w.astype(mx.float32)), history, ctx.history_rows(Kc)
+    )
     q, k, v = g.op("Split", qkv, g.i64([H * Dk, H * Dk, HV * Dv]), n_out=3, axis=-1)
     q = l2norm(g, g.Reshape(q, g.i64([0, 0, H, Dk])))
     k = l2norm(g, g.Reshape(k, g.i64([0, 0, H, Dk])))
@@ -501,6 +571,7 @@ def recurrence(ctx: Context, m: GatedDeltaNet, x: str, cache: LayerCache, emit=N
     beta = g.Sigmoid(g.to_f32(lower(ctx, m.b_proj, x, name="b_proj")))
     if m.allow_neg_eigval:
         beta = g.Mul(g.f32(2.0), beta)
+    gd, beta = ctx.masked(gd, 3), ctx.masked(beta, 3)  # padded steps: S <- 1 * S + 0
     state = cache.past["recurrent_state"]
     o, emitted, state = gated_delta(
         g, g.Mul(q, g.const(Dk**-0.5)), k, v, gd, beta, state, (H, HV, Dv, Dk), emit
@@ -572,6 +643,8 @@ def ham_attention(ctx: Context, m: HAMAttention, x: str, cache: LayerCache) -> s
     tau = g.Gather(ctx.thresholds, g.i64(ctx.ham_index))
     ctx.ham_index += 1
     admitted = g.GreaterOrEqual(score, tau)  # [B, L]
+    if ctx.valid is not None:  # a pad is never admitted
+        admitted = g.And(admitted, ctx.valid)
     _, count = read_conv_state(g, cache)
     capacity = g.dim(cache.past["key"], 2)
     admitted, cum = ham_cache_limit(g, admitted, count, capacity)
@@ -660,19 +733,36 @@ def attention(ctx: Context, m: Attention, x: str, cache: LayerCache) -> str:
     q = heads(lower(ctx, m.q_proj, x, name="q_proj"), m.num_heads)
     k = heads(lower(ctx, m.k_proj, x, name="k_proj"), m.num_kv_heads)
     v = heads(lower(ctx, m.v_proj, x, name="v_proj"), m.num_kv_heads)
-    positions = ctx.position_ids  # [B, L]
+    positions = ctx.position_ids  # [B, L]: a real token's position in its row (pads: any)
     q = rope(g, q, positions, m.rope.dims, m.rope.base)
     k = rope(g, k, positions, m.rope.dims, m.rope.base)
     # cache.update_and_fetch: slot = position mod N (circular), then read the slots that can hold
-    # a position <= the last query's
+    # a position <= the row's last
     past_k, past_v = cache.past["key"], cache.past["value"]
     capacity = g.dim(past_k, 2)
-    first = g.Gather(positions, g.i64(0), axis=1)  # [B]
-    last = g.Gather(positions, g.i64(-1), axis=1)
-    keys = g.TensorScatter(past_k, g.cast(k, g.types[past_k]), first, axis=2, mode="circular")
-    values = g.TensorScatter(past_v, g.cast(v, g.types[past_v]), first, axis=2, mode="circular")
+    if ctx.valid is None:
+        first = g.Gather(positions, g.i64(0), axis=1)  # [B]
+        last = g.Gather(positions, g.i64(-1), axis=1)
+        new_k, new_v = g.cast(k, g.types[past_k]), g.cast(v, g.types[past_v])
+    else:
+        # the call's L positions are written as one run from the slot of position
+        # (position of the row's first real token) - (its index), pads keeping the slot's contents
+        valid = ctx.valid
+        f = g.ArgMax(g.Cast(valid, to=INT64), axis=1, keepdims=1)  # [B, 1] first real token
+        first = g.Squeeze(g.Sub(g.GatherElements(positions, f, axis=1), f), g.i64([1]))
+        first = g.Mod(first, g.Squeeze(capacity, g.i64([0])))
+        last = g.ReduceMax(g.Where(valid, positions, g.i64(-1)), g.i64([1]), keepdims=0)
+        L = g.dim(positions, 1)
+        t = g.Unsqueeze(g.Range(g.i64(0), g.Squeeze(L, g.i64([0])), g.i64(1)), g.i64([0]))
+        slot = g.Mod(g.Add(g.Unsqueeze(first, g.i64([1])), t), capacity)  # [B, L]
+        keep = g.Unsqueeze(valid, g.i64([1, 3]))
+        new_k = g.Where(keep, g.cast(k, g.types[past_k]), along_slots(g, past_k, slot))
+        new_v = g.Where(keep, g.cast(v, g.types[past_v]), along_slots(g, past_v, slot))
+    keys = g.TensorScatter(past_k, new_k, first, axis=2, mode="circular")
+    values = g.TensorScatter(past_v, new_v, first, axis=2, mode="circular")
     cache.present["key"], cache.present["value"] = keys, values
-    n = g.Min(capacity, g.Add(g.Reshape(g.ReduceMax(last, keepdims=1), g.i64([1])), g.i64([1])))
+    top = g.Reshape(g.ReduceMax(last, keepdims=1), g.i64([1]))
+    n = g.Min(capacity, g.Max(g.Add(top, g.i64([1])), g.i64([1])))
     keys, values = valid_prefix(g, keys, n), valid_prefix(g, values, n)
     j = g.Unsqueeze(g.Range(g.i64(0), g.Squeeze(n, g.i64([0])), g.i64(1)), g.i64([0]))  # [1, n]
     lastc = g.Unsqueeze(last, g.i64([1]))
@@ -680,6 +770,8 @@ def attention(ctx: Context, m: Attention, x: str, cache: LayerCache) -> str:
     q_pos = g.Unsqueeze(positions, g.i64([2]))  # [B, L, 1]
     k_pos = g.Unsqueeze(k_pos, g.i64([1]))  # [B, 1, n]
     mask = g.LessOrEqual(k_pos, q_pos)
+    if ctx.valid is not None:  # rows behind the longest: their slots past `last` hold nothing
+        mask = g.And(mask, g.GreaterOrEqual(k_pos, g.i64(0)))
     if m.window is not None:
         mask = g.And(mask, g.Greater(k_pos, g.Sub(q_pos, g.i64(m.window))))
     mask = g.Unsqueeze(mask, g.i64([1]))  # [B, 1, L, n]
@@ -694,5 +786,7 @@ def attention(ctx: Context, m: Attention, x: str, cache: LayerCache) -> str:
         None,
         (m.num_heads, m.num_kv_heads, m.num_kv_heads),
     )
+    if ctx.valid is not None:  # a pad's query may see no key at all (0/0): zero its output
+        o = g.Where(g.Unsqueeze(ctx.valid, g.i64([1, 3])), o, g.const(0.0, NP_TYPES[g.types[o]]))
     o = g.Reshape(g.Transpose(o, perm=[0, 2, 1, 3]), g.i64([0, 0, -1]))
     return lower(ctx, m.o_proj, o, name="o_proj")

@@ -108,6 +108,115 @@ def compare(
     }
 
 
+def pad_batch(
+    prompts: Sequence[Sequence[int]], padding: str = "right", pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, T], attention_mask [B, T]): the prompts padded on one side to the longest."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding={padding!r}: expected 'left' or 'right'")
+    T = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), T), dtype=np.int64)
+    for b, p in enumerate(prompts):
+        span = slice(0, len(p)) if padding == "right" else slice(T - len(p), T)
+        ids[b, span], mask[b, span] = p, 1
+    return ids, mask
+
+
+def compare_rows(
+    mlx_model: Model,
+    onnx_model: OnnxModel,
+    prompts: Sequence[Sequence[int]],
+    padding: str = "right",
+    step: int | None = None,
+    n_generate: int = 64,
+    max_kv_tokens: int | None = None,
+    pad_id: int = 0,
+    capacity: int | None = None,
+) -> dict[str, Any]:
+    """Prompts of different lengths as one padded batch on onnxruntime (prefilled in calls of
+    `step` tokens, then `n_generate` teacher-forced tokens per row), each row against MLX on that
+    prompt alone: logits at the row's real positions, admission decisions, top-1 agreement, and
+    the final caches (`mlx_caches[b]`, one per row, beside the batch's `onnx_cache`). capacity:
+    the attention layers' buffers (default: the whole padded prompt and generation)."""
+    B = len(prompts)
+    ids, mask = pad_batch(prompts, padding, pad_id)
+    T = ids.shape[1]
+    step = step or T
+    ham = [io.index for io in onnx_model.ios if io.kind == "ham"]
+    taus = dict(zip(ham, onnx_model.thresholds))
+    refs, tokens, mlx_caches, mlx_sets = [], [], [], []
+    for p in prompts:  # MLX, each prompt alone, then its own greedy tokens
+        cache = mlx_model.make_cache(
+            threshold=onnx_model.thresholds or None, max_kv_tokens=max_kv_tokens,
+            kv_policy="reject",
+        )  # fmt: skip
+        rows = [np.array(mlx_model(mx.array([list(p)]), cache).astype(mx.float32))[0]]
+        out = []
+        for _ in range(n_generate):
+            out.append(int(rows[-1][-1].argmax()))
+            rows.append(np.array(mlx_model(mx.array([[out[-1]]]), cache).astype(mx.float32))[0])
+        refs.append(np.concatenate(rows))
+        tokens.append(out)
+        mlx_caches.append(cache)
+        mlx_sets.append({i: _mlx_admitted(cache[i], 1)[0] for i in ham})
+
+    total = T + n_generate
+    ort_cache = onnx_model.make_cache(B, capacity or total, max_kv_tokens or total)
+    got: list[list[np.ndarray]] = [[] for _ in range(B)]
+    onnx_sets = [{i: set() for i in ham} for _ in range(B)]
+    scores = [{i: {} for i in ham} for _ in range(B)]
+
+    def call(x: np.ndarray, m: np.ndarray) -> None:
+        before = ort_cache.offsets.copy()
+        logits = onnx_model(x, ort_cache, attention_mask=m).astype(np.float32)
+        for b in range(B):
+            real = np.flatnonzero(m[b])
+            got[b].append(logits[b, real])
+            pos = before[b] + np.arange(len(real))
+            for i in ham:
+                st = ort_cache.layers[i]
+                onnx_sets[b][i] |= set(pos[st.admitted[b, real]].tolist())
+                scores[b][i].update(zip(pos.tolist(), st.surprise[b, real].tolist()))
+
+    for a in range(0, T, step):
+        call(ids[:, a : a + step], mask[:, a : a + step])
+    for t in range(n_generate):
+        nxt = np.array([[tokens[b][t]] for b in range(B)], dtype=np.int64)
+        call(nxt, np.ones((B, 1), np.int64))
+
+    max_err, max_abs, agree, steps, flips, outside = 0.0, 0.0, 0, 0, 0, 0
+    per_row = []
+    for b in range(B):
+        g, r = np.concatenate(got[b]), refs[b]
+        err = float(np.abs(g - r).max())
+        max_err, max_abs = max(max_err, err), max(max_abs, float(np.abs(r).max()))
+        top1 = int((g.argmax(-1) == r.argmax(-1)).sum())
+        agree, steps = agree + top1, steps + len(r)
+        row_flips = 0
+        for i in ham:
+            for t in mlx_sets[b][i] ^ onnx_sets[b][i]:
+                row_flips += 1
+                outside += abs(scores[b][i][t] - taus[i]) >= MARGIN
+        flips += row_flips
+        per_row.append({"tokens": len(r), "max_logit_error": err, "top1_agreement": top1 / len(r),
+                        "admission_flips": row_flips})  # fmt: skip
+    return {
+        "tokens": steps,
+        "rows": B,
+        "max_logit_error": max_err,
+        "relative_logit_error": max_err / max(max_abs, 1e-30),
+        "admission_flips": flips,
+        "flips_outside_margin": int(outside),
+        "decisions": steps * len(ham),
+        "top1_agreement": agree / max(steps, 1),
+        "per_row": per_row,
+        "greedy_tokens": tokens,
+        "mlx_caches": mlx_caches,
+        "onnx_cache": ort_cache,
+    }
+
+
 def report_line(name: str, r: dict[str, Any], size_bytes: int | None = None) -> str:
     size = f"{size_bytes / 1e6:8.2f} MB | " if size_bytes is not None else ""
     return (

@@ -12,6 +12,12 @@ length (prompt + max_tokens); a smaller `capacity` is refused before anything ru
 `max_kv_tokens` admitted tokens (default: the export's `--max-kv`, else the requested length); once
 full, further surprising tokens are not cached, exactly like the MLX model with
 `max_kv_tokens=N, kv_policy="reject"`, and the statistics count them (`rejected`).
+
+Padding (spec §7.1): rows of a batch may hold prompts of different lengths, padded on the right
+(any row) or on the left (a row that has seen nothing yet). Give the call an `attention_mask`
+(1 = real token, 0 = pad; onnxruntime-genai's convention), or announce the padding on the cache as
+on an MLX cache (`cache.prepare(lengths=..., left_padding=...)`). Pads never reach a state or a
+cache and never count as seen, so each row equals its prompt run alone (`batch_generate`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ham_mlx.tokenizer import Tokenizer
 from .cache_io import LayerIO
 
 MODEL_FILE = "model.onnx"
+MASK = "attention_mask"
 TOKENIZER_FILE = "tokenizer.model"
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -118,7 +125,12 @@ class OnnxModel:
             raise ValueError(f"max_kv_tokens={ham_cap} must be >= 1")
         return OnnxCache(self, batch, capacity, ham_cap)
 
-    def __call__(self, input_ids: np.ndarray, cache: OnnxCache) -> np.ndarray:
+    def __call__(
+        self, input_ids: np.ndarray, cache: OnnxCache, attention_mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Logits [B, L, V] of `input_ids` [B, L]; `attention_mask` [B, L] (or [B, past + L], of
+        which the last L columns are read) marks real tokens with 1 and pads with 0 (default: the
+        padding announced by `cache.prepare`, else none). A pad's logits mean nothing."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {ids.shape}")
@@ -134,8 +146,9 @@ class OnnxModel:
             raise ValueError(
                 f"token id {lo if lo < 0 else hi} is out of range [0, {self.args.vocab_size})"
             )
+        mask = cache.call_mask(B, L, attention_mask)
         cache.check_room(L)
-        return cache.run(ids.astype(np.int64), L)
+        return cache.run(ids.astype(np.int64), mask)
 
 
 @dataclass
@@ -151,12 +164,14 @@ class LayerState:
 
 
 class OnnxCache:
-    """The fixed-capacity buffers of one generation (all layers), and the tokens seen."""
+    """The fixed-capacity buffers of one generation (all layers), and the tokens seen per row."""
 
     def __init__(self, model: OnnxModel, batch: int, capacity: int, ham_capacity: int):
         self.model, self.batch = model, batch
         self.capacity, self.ham_capacity = capacity, ham_capacity
-        self.offset = 0
+        self.offsets = np.zeros(batch, dtype=np.int64)  # real tokens seen, per row
+        self._lengths: np.ndarray | None = None  # prepared: real tokens left to come, per row
+        self._left: np.ndarray | None = None  # prepared: left padding of the next call
         self.layers: list[LayerState] = []
 
         def zeros(shape, dtype):
@@ -183,6 +198,67 @@ class OnnxCache:
                 st.rejected = np.zeros(batch, dtype=np.int64)
             self.layers.append(st)
 
+    @property
+    def offset(self) -> int:
+        """Tokens seen (the longest row's count when rows differ)."""
+        return int(self.offsets.max()) if self.batch else 0
+
+    # ---- padding ------------------------------------------------------------------------------
+    def prepare(
+        self,
+        *,
+        lengths: Sequence[int] | None = None,
+        right_padding: Sequence[int] | None = None,
+        left_padding: Sequence[int] | None = None,
+    ) -> None:
+        """Announce padding as on an MLX cache (`ham_mlx.cache.rows`): row b has `lengths[b]`
+        real tokens in the next call(s), right-padded after them (`right_padding` is implied by
+        the lengths); `left_padding[b]` pads come before the row's tokens in the next call, which
+        only a row that has seen nothing may have."""
+        if lengths is not None:
+            self._lengths = _row_ints(lengths, "lengths", self.batch)
+        if left_padding is not None:
+            left = _row_ints(left_padding, "left_padding", self.batch)
+            if (self.offsets[left > 0] > 0).any():
+                raise ValueError("left padding is only possible on an empty row")
+            self._left = left if left.any() else None
+
+    def finalize(self) -> None:
+        """Forget the announced padding."""
+        self._lengths = self._left = None
+
+    def call_mask(self, B: int, L: int, attention_mask: np.ndarray | None) -> np.ndarray:
+        """[B, L] int64: the real tokens of the next call (given, or from `prepare`), checked:
+        each row's real tokens are one contiguous run, after pads only on an empty row."""
+        if attention_mask is None and self._lengths is None and self._left is None:
+            return np.ones((B, L), dtype=np.int64)  # no padding
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.ndim != 2 or mask.shape[0] != B or mask.shape[1] < L:
+                raise ValueError(
+                    f"attention_mask must be [batch, length] = [{B}, {L}] (or [{B}, past + {L}]),"
+                    f" got shape {mask.shape}"
+                )
+            mask = mask[:, mask.shape[1] - L :]
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError("attention_mask holds 1 (a real token) or 0 (a pad), nothing else")
+            mask = mask.astype(np.int64)
+        else:
+            t = np.arange(L)[None]
+            start = np.zeros((B, 1), np.int64) if self._left is None else self._left[:, None]
+            stop = np.full((B, 1), L, np.int64)
+            if self._lengths is not None:
+                stop = np.minimum(start + np.maximum(self._lengths, 0)[:, None], L)
+            mask = ((t >= start) & (t < stop)).astype(np.int64)
+        real = mask.astype(bool)
+        counts = real.sum(axis=1)
+        first = np.where(counts > 0, real.argmax(axis=1), 0)
+        if (real.cumsum(axis=1)[np.arange(B), np.minimum(first + counts, L) - 1] != counts).any():
+            raise ValueError("each row's real tokens must be one contiguous run (pads around it)")
+        if ((first > 0) & (counts > 0) & (self.offsets > 0)).any():
+            raise ValueError("left padding is only possible on an empty row")
+        return mask
+
     def shortfall(self, new_tokens: int, step: int) -> tuple[LayerState, int] | None:
         """The first attention layer that cannot take `new_tokens` more tokens fed in calls of
         at most `step` tokens, with the capacity it would need (None: every layer can)."""
@@ -206,17 +282,19 @@ class OnnxCache:
                 f"{self.offset + L} tokens (needs {need}): make the cache with a larger capacity"
             )
 
-    def run(self, ids: np.ndarray, L: int) -> np.ndarray:
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         model = self.model
         binding = model.session.io_binding()
-        keep = [ids]
+        mask = np.ascontiguousarray(mask, dtype=np.int64)
+        keep = [ids, mask]
         binding.bind_cpu_input("input_ids", ids)
+        if MASK in model.input_names:
+            binding.bind_cpu_input(MASK, mask)
+        elif not mask.all():
+            raise ValueError(f"{model.path} was exported without padding support (no {MASK})")
         bound: list[str] = []  # output names in binding order
-        if "position_ids" in model.input_names:
-            pos = np.broadcast_to(
-                np.arange(self.offset, self.offset + L, dtype=np.int64), ids.shape
-            )
-            pos = np.ascontiguousarray(pos)
+        if "position_ids" in model.input_names:  # a real token's position in its row
+            pos = np.maximum(self.offsets[:, None] + np.cumsum(mask, axis=1) - 1, 0)
             keep.append(pos)
             binding.bind_cpu_input("position_ids", pos)
         for st in self.layers:
@@ -248,8 +326,12 @@ class OnnxCache:
                 st.surprise = outputs[f"debug.{i}.surprise"]
                 st.admitted = outputs[f"debug.{i}.admitted"]
                 tau = model.threshold_of[i]
-                st.rejected += ((st.surprise >= tau) & ~st.admitted).sum(axis=1)
-        self.offset += L
+                st.rejected += ((st.surprise >= tau) & ~st.admitted & (mask > 0)).sum(axis=1)
+        counts = mask.sum(axis=1)
+        self.offsets = self.offsets + counts
+        if self._lengths is not None:
+            self._lengths = self._lengths - counts
+        self._left = None
         del keep
         return outputs["logits"]
 
@@ -274,6 +356,7 @@ class OnnxCache:
         """One dict per layer, like ham_mlx.kv_stats (plus capacity, buffer_bytes, rejected)."""
         stats = []
         itemsize = np.dtype(self.model.cache_dtype).itemsize
+        seen_rows = [int(o) for o in self.offsets]
         for st in self.layers:
             io = st.io
             seen = self.offset
@@ -283,11 +366,11 @@ class OnnxCache:
                 HV, Dv, Dk = io.recurrent
                 per_token = (io.key[0] * Dk + HV * Dv) * itemsize
                 admitted = self.admitted_counts(io.index)
-                kind, rows = "ham", self.batch
+                kind = "ham"
             elif io.kind == "attn":
                 per_token = 2 * io.key[0] * io.key[1] * itemsize
-                held = min(seen, io.window - 1) if io.window else seen
-                admitted, kind, rows = [held] * self.batch, "attn", self.batch
+                admitted = [min(s, io.window - 1) if io.window else s for s in seen_rows]
+                kind = "attn"
             else:
                 stats.append(
                     {
@@ -307,9 +390,9 @@ class OnnxCache:
                 "type": kind,
                 "admitted": admitted,
                 "seen": seen,
-                "kv_fraction": [a / seen if seen else 0.0 for a in admitted],
+                "kv_fraction": [a / n if n else 0.0 for a, n in zip(admitted, seen_rows)],
                 "kv_bytes": sum(admitted) * per_token,
-                "full_kv_bytes": rows * seen * per_token,
+                "full_kv_bytes": sum(seen_rows) * per_token,
                 "state_bytes": state,
                 "capacity": st.capacity,
                 "buffer_bytes": buffer,
@@ -318,6 +401,13 @@ class OnnxCache:
                 entry["rejected"] = [int(r) for r in st.rejected]
             stats.append(entry)
         return stats
+
+
+def _row_ints(values: Sequence[int], name: str, batch: int) -> np.ndarray:
+    a = np.asarray(values)
+    if a.shape != (batch,) or not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
+        raise ValueError(f"{name} must be {batch} non-negative integers, one per row")
+    return a.astype(np.int64)
 
 
 def load(path: str | Path, **kwargs: Any) -> tuple[OnnxModel, Tokenizer]:
@@ -408,3 +498,72 @@ def generate(
 ) -> str:
     """Generate text for a prompt; `kwargs` are those of `stream_generate`."""
     return collect(stream_generate(model, tokenizer, prompt, **kwargs), verbose)
+
+
+def batch_generate(
+    model: OnnxModel,
+    tokenizer: Tokenizer | None,
+    prompts: Sequence[str | Sequence[int]],
+    max_tokens: int = 256,
+    padding: str = "right",
+    prefill_step_size: int = 512,
+    max_kv_tokens: int | None = None,
+    capacity: int | None = None,
+    pad_id: int | None = None,
+) -> list[list[int]]:
+    """Greedy tokens for several prompts at once, one padded batch (`padding` "right" or
+    "left"): each row's tokens are those of its prompt generated alone. A row stops after EOS
+    (included) or `max_tokens`; a finished row is fed pads, which leave its caches unchanged.
+    tokenizer: encodes text prompts and gives EOS (None: prompts are token ids, no EOS)."""
+    if padding not in ("left", "right"):
+        raise ValueError(f"padding={padding!r}: expected 'left' or 'right'")
+    if max_tokens < 0 or prefill_step_size < 1:
+        raise ValueError("max_tokens must be >= 0 and prefill_step_size >= 1")
+    if not prompts:
+        return []
+    rows = [
+        prompt_ids(tokenizer, p, model.args.vocab_size) if isinstance(p, str) else list(p)
+        for p in prompts
+    ]
+    if any(not r for r in rows):
+        raise ValueError("a prompt is empty: each row needs at least one token")
+    bad = [t for r in rows for t in r if not 0 <= t < model.args.vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {model.args.vocab_size})")
+    B, T = len(rows), max(len(r) for r in rows)
+    pad = model.args.pad_token_id if pad_id is None else pad_id
+    pad = 0 if pad is None else pad
+    ids = np.full((B, T), pad, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        span = slice(0, len(r)) if padding == "right" else slice(T - len(r), T)
+        ids[b, span], mask[b, span] = r, 1
+    cache = model.make_cache(B, capacity or T + max_tokens, max_kv_tokens)
+    short = cache.shortfall(T + max_tokens, prefill_step_size)
+    if short is not None:
+        st, room = short
+        raise ValueError(
+            f"capacity {st.capacity} of attention layer {st.io.index} cannot hold the requested "
+            f"generation ({T} padded prompt + {max_tokens} new tokens): pass capacity >= {room}"
+        )
+    last = np.zeros((B, model.args.vocab_size), dtype=np.float32)  # logits at the last real token
+    for a in range(0, T, prefill_step_size):
+        m = mask[:, a : a + prefill_step_size]
+        logits = model(ids[:, a : a + prefill_step_size], cache, attention_mask=m)
+        for b in np.flatnonzero(m.any(axis=1)):
+            last[b] = logits[b, np.flatnonzero(m[b])[-1]]
+    eos = None if tokenizer is None else tokenizer.eos_id
+    out: list[list[int]] = [[] for _ in rows]
+    live = np.ones(B, dtype=bool)
+    for i in range(max_tokens):
+        nxt = last.argmax(axis=-1)
+        for b in np.flatnonzero(live):
+            out[b].append(int(nxt[b]))
+            if nxt[b] == eos:
+                live[b] = False
+        if i == max_tokens - 1 or not live.any():
+            break
+        step_ids = np.where(live, nxt, pad).astype(np.int64)[:, None]
+        logits = model(step_ids, cache, attention_mask=live.astype(np.int64)[:, None])
+        last = np.where(live[:, None], logits[:, -1], last)
+    return out
