@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from ham_mlx.cli import main
-from ham_mlx.generate import generate
+from ham_mlx.generate import stream_generate
 from ham_mlx.model_io import default_model_path, load
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("jinja2")
+pytest.importorskip("mlx_lm")  # the engine runs mlx-lm's BatchGenerator
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
@@ -60,6 +61,9 @@ class Server:
         except httpx.TransportError:
             return False
 
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
     def client(self) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
@@ -93,9 +97,27 @@ def local():
     return load(None)
 
 
-def reference(local, prompt, max_tokens=N, **kwargs) -> str:
+def reference_ids(local, prompt, max_tokens=N, **kwargs) -> list[int]:
+    """The tokens `ham_mlx.generate` gives for prompt alone (greedy unless kwargs say)."""
     model, tokenizer = local
-    return generate(model, tokenizer, prompt, max_tokens=max_tokens, temperature=0.0, **kwargs)
+    kwargs = {"temperature": 0.0, **kwargs}
+    steps = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    return [r.token for r in steps if r.token is not None]
+
+
+def continuation(local, prompt, ids: list[int]) -> str:
+    """The text of ids after prompt, decoded in context (a first word keeps its space); EOS and
+    what follows is not text."""
+    tokenizer = local[1]
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    head = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    return tokenizer.decode(head + ids)[len(tokenizer.decode(head)) :]
+
+
+def reference(local, prompt, max_tokens=N, **kwargs) -> str:
+    """The served answer of prompt, from `ham_mlx.generate`'s tokens for it alone."""
+    return continuation(local, prompt, reference_ids(local, prompt, max_tokens, **kwargs))
 
 
 def complete(client, prompt=PROMPT, max_tokens=N, **kwargs):
@@ -114,18 +136,21 @@ def test_help_explains_every_option(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for option in ("--model", "--model-id", "--host", "--port", "--max-tokens-limit",
-                   "--default-max-tokens", "--max-queue"):  # fmt: skip
+                   "--default-max-tokens", "--max-batch", "--max-queue", "--prefill-step-size",
+                   "--prefix-cache-mb"):  # fmt: skip
         assert re.search(rf"{option} \S+\s+\w", out), option
-    for field in ("threshold", "kv_budget", "max_kv_tokens", "kv_fraction", "data: [DONE]"):
-        assert field in out
+    for field in ("threshold", "kv_budget", "max_kv_tokens", "kv_fraction", "data: [DONE]",
+                  "logprobs", "top_logprobs", "echo", "include_usage", "cached_tokens",
+                  "/tokenize", "local-completions"):  # fmt: skip
+        assert field in out, field
 
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
-    assert httpx.get(server.url + "/health").json() == {
-        "status": "ok", "model": MODEL_ID, "waiting": 0,
-    }  # fmt: skip
+    health = server.health()
+    assert set(health.pop("prefix_cache")) == {"snapshots", "bytes", "hits", "reused_tokens"}
+    assert health == {"status": "ok", "model": MODEL_ID, "waiting": 0, "running": 0}
 
 
 def test_completion_matches_generate(client, local):
@@ -149,8 +174,20 @@ def test_stream_completion_matches_plain_and_generate(client, local):
     assert text == complete(client).choices[0].text == reference(local, PROMPT)
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1].choices[0].finish_reason == "length"
-    assert chunks[-1].usage.completion_tokens == N
-    assert len(chunks[-1].usage.kv_fraction) == 4
+    assert all(c.usage is None for c in chunks)  # no usage unless asked for
+
+
+def test_stream_include_usage_sends_a_last_usage_chunk(client, local):
+    """OpenAI's stream_options: a last chunk with "choices": [] and the usage, "usage": null in
+    every other chunk."""
+    chunks = list(complete(client, stream=True, stream_options={"include_usage": True}))
+    content, last = chunks[:-1], chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == N
+    assert last.usage.prompt_tokens == len(local[1].encode(PROMPT))
+    assert len(last.usage.kv_fraction) == 4 and last.usage.kv_bytes > 0
+    assert all(c.usage is None and len(c.choices) == 1 for c in content)
+    assert "".join(c.choices[0].text for c in content) == reference(local, PROMPT)
+    assert content[-1].choices[0].finish_reason == "length"
 
 
 def test_stream_is_openai_server_sent_events(server):
@@ -166,27 +203,47 @@ def test_stream_is_openai_server_sent_events(server):
     assert all(e.startswith("data: ") for e in events[:-1])
     assert {c["object"] for c in chunks} == {"text_completion"}
     assert len({c["id"] for c in chunks}) == 1
-    assert "usage" not in chunks[0] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert all("usage" not in c for c in chunks)
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        events = r.read().decode().split("\n\n")
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["object"] == "text_completion" and chunks[-1]["id"] == chunks[0]["id"]
 
 
-def test_chat_builtin_template(client, local):
+def chat_prompt(messages) -> tuple[str, list[str]]:
+    """The served model's chat prompt (its folder's template, or the built-in one) and stops."""
+    from ham_mlx.serve.chat import load_chat_template
+
+    template = load_chat_template(default_model_path())
+    return template.render(messages), template.stop
+
+
+def test_chat_matches_generate(client, local):
     messages = [
         {"role": "system", "content": "You speak in verse."},
         {"role": "user", "content": "What of the night?"},
     ]
-    prompt = "System: You speak in verse.\nUser: What of the night?\nAssistant:"
-    expected = reference(local, prompt).split("\nUser:")[0]  # the template's stop string
+    prompt, stops = chat_prompt(messages)
+    assert "System: You speak in verse.\nUser: What of the night?\nAssistant:" in prompt
+    expected = reference(local, prompt)
+    for stop in stops:
+        expected = expected.split(stop)[0]
     kw = dict(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0)
     r = client.chat.completions.create(**kw)
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected
     assert r.usage.prompt_tokens == len(local[1].encode(prompt))
-    chunks = list(client.chat.completions.create(**kw, stream=True))
+    chunks = list(client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}
+    ))  # fmt: skip
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
-    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
-    assert chunks[-1].usage.kv_fraction == r.usage.kv_fraction
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == expected
+    assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.kv_fraction == r.usage.kv_fraction
 
 
 def test_token_id_prompt(client, local):
@@ -206,9 +263,8 @@ def test_stop_strings(client, local):
 
 
 def test_seeded_sampling_is_reproducible(client, local):
-    model, tokenizer = local
     sampling = dict(temperature=1.0, top_p=0.9, seed=7)
-    expected = generate(model, tokenizer, PROMPT, max_tokens=N, **sampling)
+    expected = reference(local, PROMPT, **sampling)
     texts = [complete(client, **sampling).choices[0].text for _ in range(2)]
     assert texts == [expected, expected]
     assert expected != reference(local, PROMPT)
@@ -257,7 +313,26 @@ BAD_REQUESTS = {  # id: (path, body, status, the error's param)
     "max_tokens negative": (CMPL, {"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
     "empty prompt": (CMPL, {"prompt": ""}, 400, "prompt"),
     "empty token prompt": (CMPL, {"prompt": []}, 400, "prompt"),
-    "two prompts": (CMPL, {"prompt": ["a", "b"]}, 400, "prompt"),
+    "prompt list with a number": (CMPL, {"prompt": ["a", 5]}, 400, "prompt"),
+    "logprobs above 20": (CMPL, {"prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    "stream_options without stream": (
+        CMPL,
+        {"prompt": "a", "stream_options": {}},
+        400,
+        "stream_options",
+    ),
+    "top_logprobs without logprobs": (
+        CHAT,
+        {"messages": HI, "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    "top_logprobs above 20": (
+        CHAT,
+        {"messages": HI, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+    ),
     "token id too large": (CMPL, {"prompt": [2, 2048]}, 400, "prompt"),
     "token id negative": (CMPL, {"prompt": [2, -1]}, 400, "prompt"),
     "threshold not a number": (CMPL, {"prompt": "a", "threshold": "low"}, 400, "threshold"),
@@ -317,6 +392,9 @@ def test_one_log_line_per_request(server, client):
     log = server.log.read_text()
     assert re.search(r"POST /v1/completions 200 \d+\+3 tok \d+\.\d+s", log)
     assert re.search(r"POST /v1/completions 400 - tok \d+\.\d+s", log)
+    complete(client, max_tokens=3)  # the same prompt: its state is reused
+    assert re.search(r"POST /v1/completions 200 \d+\+3 tok \d+\.\d+s \(\d+ cached\)",
+                     server.log.read_text())  # fmt: skip
 
 
 def test_stop_text_holds_back_a_possible_stop():
@@ -413,7 +491,7 @@ def folder_server(tmp_path_factory):
     shutil.copytree(default_model_path(), folder)
     template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    s = Server(root / "server.log", "--model", str(folder), "--max-queue", "1")
+    s = Server(root / "server.log", "--model", str(folder), "--max-batch", "1", "--max-queue", "1")
     yield s
     s.stop()
 

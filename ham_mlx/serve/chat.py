@@ -37,6 +37,7 @@ class ChatTemplate:
     stop: list[str] = field(default_factory=list)
     bos_token: str = ""
     eos_token: str = ""
+    text: str = ""  # the template's Jinja source
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """Prompt text for messages [{"role", "content"}], ending where the reply begins.
@@ -78,12 +79,12 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate:
     )
     env.globals["raise_exception"] = _raise
     if not isinstance(source, str) or not source:
-        return ChatTemplate(env.from_string(BUILTIN), "built-in", list(BUILTIN_STOP))
+        return ChatTemplate(env.from_string(BUILTIN), "built-in", list(BUILTIN_STOP), text=BUILTIN)
     try:
         template = env.from_string(source)
     except TemplateError as e:
         raise ValueError(f"{file}: chat_template does not compile ({e})") from e
     return ChatTemplate(
         template, str(file), bos_token=_token_text(config, "bos_token"),
-        eos_token=_token_text(config, "eos_token"),
+        eos_token=_token_text(config, "eos_token"), text=source,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""One log line per request: method, path, status, tokens (prompt+completion) and seconds."""
+"""One log line per request: method, path, status, tokens (prompt+completion), seconds, and the
+prompt tokens reused from an earlier request ("(n cached)")."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class RequestLog:
         finally:
             usage = scope.get("state", {}).get("usage")
             tokens = f"{usage['prompt_tokens']}+{usage['completion_tokens']}" if usage else "-"
+            cached = (usage or {}).get("prompt_tokens_details", {}).get("cached_tokens")
             seconds = time.perf_counter() - start
-            log.info("%s %s %s %s tok %.3fs", scope["method"], scope["path"], status, tokens,
-                     seconds)  # fmt: skip
+            log.info("%s %s %s %s tok %.3fs%s", scope["method"], scope["path"], status, tokens,
+                     seconds, f" ({cached} cached)" if cached else "")  # fmt: skip

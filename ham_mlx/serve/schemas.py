@@ -25,6 +25,12 @@ def per_layer_numbers(value: Any, ok: Callable[[float], bool], expected: str) ->
     return value
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 class GenerationRequest(BaseModel):
     """The fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -40,6 +46,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**64)
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None  # only with stream
     stop: list[str] = []
     # HAM's controls (ham_mlx.generate.stream_generate)
     threshold: float | list[float] | None = None
@@ -70,23 +77,31 @@ class GenerationRequest(BaseModel):
         return per_layer_numbers(value, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 
 
-class CompletionRequest(GenerationRequest):
-    """POST /v1/completions."""
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value
+    )
 
-    prompt: str | list[int]
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions. `prompt`: text, token ids, or a list of either (one choice each)."""
+
+    prompt: list[str | list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token; 0: chosen only
+    echo: bool = False  # the prompt before the completion (with logprobs: the prompt's too)
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-            value = value[0]  # a batch of one prompt
-        if isinstance(value, str):
-            return value
-        if isinstance(value, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value
+        if isinstance(value, str) or (_token_ids(value) and value):
+            return [value]
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(p, str) or _token_ids(p) for p in value)
         ):
             return value
-        raise ValueError("must be a string or a list of token ids (one prompt per request)")
+        raise ValueError("must be a string, a list of token ids, or a non-empty list of them")
 
 
 class Message(BaseModel):
@@ -117,3 +132,5 @@ class ChatRequest(GenerationRequest):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # alternatives per token (logprobs true)
