@@ -1,4 +1,4 @@
-"""Decode tokens/s and KV bytes against context length (issue 7, item 1; roofline, item 4).
+"""Decode tokens/s and KV bytes against context length, and the bandwidth roofline.
 
 For each context length every contender is prefilled up to it (continuing from the previous
 length), then timed decode steps run in rounds that interleave the contenders (rotating their

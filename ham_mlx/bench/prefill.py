@@ -1,4 +1,4 @@
-"""Prefill tokens/s against length for the two ops HAM adds (issue 7, item 2).
+"""Prefill tokens/s against length for the two ops HAM adds.
 
 - Gated-delta scan, one layer's shapes: the chunked (WY) scan and the sequential scan of
   `ham_mlx.ops.gated_delta` (both also return the prediction v̂), and `mx.fast.gated_delta_update`

@@ -159,7 +159,7 @@ def markdown(results: dict[str, Any]) -> str:
     if (results.get("onnx") or {}).get("status") == "measured":
         out += ["## onnxruntime vs MLX (same model, same τ)", "", onnx_table(results["onnx"]), ""]
     if results.get("targets"):
-        out += ["## Targets (issue 7)", "", "| target | status | measured |", "|---|---|---|"]
+        out += ["## Speed targets", "", "| target | status | measured |", "|---|---|---|"]
         out += [f"| {t['target']} | {t['status']} | {t['detail']} |" for t in results["targets"]]
         out.append("")
     return "\n".join(out)

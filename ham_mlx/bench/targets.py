@@ -1,4 +1,7 @@
-"""Issue 7's targets, checked on one run's measurements (same-run ratios, never asserted)."""
+"""The speed targets of HAM generation, checked on one run's measurements (same-run ratios,
+never asserted): long-context decode speed and KV bytes against attention and mlx-lm's Llama,
+short-context decode against Llama, the chunked scan against the sequential one and MLX's
+kernel, the bandwidth roofline, and onnxruntime against MLX."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register the `inspect` subcommand on the CLI's subparsers."""
-    from ham_mlx.cli import thresholds
+    from ham_mlx.cli import int_at_least, thresholds
     from ham_mlx.inspector.trace import MAX_TOKENS
 
     p = sub.add_parser(
@@ -102,11 +102,10 @@ def add_parser(sub) -> None:
         help="write an HTML report to OUT and the score plot beside it (OUT with .png)",
     )  # fmt: skip
     p.add_argument(
-        "--max-tokens", type=int, default=MAX_TOKENS, metavar="N",
+        "--max-tokens", type=int_at_least(1), default=MAX_TOKENS, metavar="N",
         help=f"inspect at most this many prompt tokens; the rest is dropped ({MAX_TOKENS})",
     )  # fmt: skip
-    p.add_argument(
-        "--prefill-step-size", type=int, default=512, metavar="N", help="prompt chunk size (512)"
-    )
+    p.add_argument("--prefill-step-size", type=int_at_least(1), default=512, metavar="N",
+                   help="prompt chunk size (512)")  # fmt: skip
     p.add_argument("--table", action="store_true", help="also print every token's score per layer")
     p.set_defaults(func=cmd_inspect)

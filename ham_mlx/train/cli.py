@@ -48,7 +48,20 @@ def cmd_tokenizer_encode(a: argparse.Namespace) -> int:
     return 0
 
 
+def valid_fraction(text: str) -> float:
+    """An argparse type: a fraction in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return value
+
+
 def add_parsers(sub) -> None:
+    from ham_mlx.cli import int_at_least
+
     t = sub.add_parser(
         "train", help="train a model from a YAML/JSON config (see README, Training)",
         description="Train a HAM (or GDN / attention) model. Data-parallel over processes when "
@@ -56,7 +69,8 @@ def add_parsers(sub) -> None:
     )  # fmt: skip
     t.add_argument("--config", required=True, help="YAML or JSON training config")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    t.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    t.add_argument("--steps", type=int_at_least(1), default=None,
+                   help="override the config's steps")  # fmt: skip
     t.add_argument("--out-dir", default=None, help="override the config's out_dir")
     t.set_defaults(func=cmd_train)
 
@@ -64,13 +78,13 @@ def add_parsers(sub) -> None:
     ksub = k.add_subparsers(dest="tokenizer_command", required=True)
     kt = ksub.add_parser("train", help="train a BPE tokenizer whose decode(encode(x)) == x")
     kt.add_argument("--input", nargs="+", required=True, type=Path, help="UTF-8 text files")
-    kt.add_argument("--vocab-size", type=int, default=4096, help="pieces (4096)")
+    kt.add_argument("--vocab-size", type=int_at_least(1), default=4096, help="pieces (4096)")
     kt.add_argument("--out", required=True, help="output path (.model)")
     kt.set_defaults(func=cmd_tokenizer_train)
     ke = ksub.add_parser("encode", help="encode text files into a memory-mapped token file")
     ke.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     ke.add_argument("--input", nargs="+", required=True, type=Path, help="UTF-8 text files")
     ke.add_argument("--out", required=True, help="output token file (.bin, with .json beside)")
-    ke.add_argument("--valid-fraction", type=float, default=0.05,
+    ke.add_argument("--valid-fraction", type=valid_fraction, default=0.05,
                     help="the last fraction of each file goes to OUT.valid.bin (0.05)")  # fmt: skip
     ke.set_defaults(func=cmd_tokenizer_encode)
