@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ham_mlx.config import MLX_LM_FIELDS, ConfigError, config_fields
 from ham_mlx.convert.checkpoint import read_weights
 from ham_mlx.convert.mapping import map_config, plan_weights
 from ham_mlx.convert.progress import Progress
@@ -99,7 +100,8 @@ def convert(
         raise ConversionError(f"q_group_size={q_group_size}: expected 32, 64 or 128")
     check_destination(src, dst, overwrite)
     folder = src if src.is_dir() else src.parent
-    args = map_config(read_json(folder / "config.json"), str(folder / "config.json"))
+    config_file = folder / "config.json"
+    args = map_config(source_config(read_json(config_file), config_file), str(config_file))
     tensors, files = read_weights(src)
     tokenizer_files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
     if TOKENIZER in tokenizer_files:
@@ -148,6 +150,19 @@ def read_json(file: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConversionError(f"{file}: expected a JSON object")
     return raw
+
+
+def source_config(raw: dict[str, Any], file: Path) -> dict[str, Any]:
+    """A ham_mlx folder's config.json as `map_config` reads it: `mixer_types` under its field
+    name `layer_types` (the old key logs a deprecation), without mlx-lm's folder keys
+    (`model_file`: the destination gets its own)."""
+    if raw.get("model_type") != "ham":
+        return raw
+    try:
+        fields = config_fields(raw, source=str(file))
+    except ConfigError as e:
+        raise ConversionError(f"{file}: {e}") from None
+    return {k: v for k, v in fields.items() if k not in MLX_LM_FIELDS}
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:

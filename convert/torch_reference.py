@@ -295,7 +295,7 @@ class HAMForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def config_dict(self) -> dict:
-        cfg = self.args.to_dict()
+        cfg = self.args.to_config()
         cfg["ham_threshold"] = [float(b.attn.threshold) for b in self.model.layers
                                 if b.layer_type == "ham"] or cfg["ham_threshold"]  # fmt: skip
         cfg.pop("quantization", None)

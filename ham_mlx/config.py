@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,13 @@ IGNORED_FLA_FIELDS = {
     "initializer_range", "max_position_embeddings", "use_cache", "torch_dtype",
     "dtype", "transformers_version", "auto_map",
 }  # fmt: skip
+# Keys that mlx-lm's loader reads or adds (`model_file` names the folder's module for
+# `trust_remote_code`); they describe the folder, not the model, and are not kept in `extra`.
+MLX_LM_FIELDS = {"model_file", "quantization_config", "quantize_activations"}
+# config.json key of `ModelArgs.layer_types`. It was "layer_types" until transformers 5 began to
+# validate that key (its attention kinds only), which made AutoTokenizer refuse every folder.
+MIXER_TYPES_KEY = "mixer_types"
+OLD_MIXER_TYPES_KEY = "layer_types"
 
 
 class ConfigError(ValueError):
@@ -36,7 +44,8 @@ class ModelArgs:
     """Configuration of a HAM / GDN / attention hybrid language model.
 
     Field names follow FLA's `GatedDeltaNetConfig` so that FLA `config.json` files read unchanged;
-    the `ham_*` fields and `layer_types` are ours (see docs/spec.md).
+    the `ham_*` fields and `layer_types` are ours (see docs/spec.md). In `config.json` the field
+    `layer_types` is written under the key `mixer_types` (`to_config` / `from_dict`).
     """
 
     model_type: str = "ham"
@@ -91,18 +100,28 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
-        """Build from a `config.json` dict; unknown keys are kept in `extra` with a warning."""
+        """Build from a `config.json` dict (`mixer_types`) or a `to_dict` one (`layer_types`);
+        unknown keys are kept in `extra` with a warning, mlx-lm's loader keys are dropped."""
+        params = config_fields(params)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in params.items() if k in names}
-        unknown = {k: v for k, v in params.items() if k not in names}
+        unknown = {k: v for k, v in params.items() if k not in names | MLX_LM_FIELDS}
         surprising = sorted(set(unknown) - IGNORED_FLA_FIELDS)
         if surprising:
             warnings.warn(f"config: ignoring unknown keys {surprising}", stacklevel=2)
         return cls(**known, extra=unknown)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by its Python name (`layer_types`); `from_dict` reads it back."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {**self.extra, **out}
+
+    def to_config(self) -> dict[str, Any]:
+        """The `config.json` form: `to_dict` with `layer_types` under the key `mixer_types`."""
+        return {
+            (MIXER_TYPES_KEY if k == OLD_MIXER_TYPES_KEY else k): v
+            for k, v in self.to_dict().items()
+        }
 
     # Derived sizes (spec §2).
     @property
@@ -208,3 +227,39 @@ class ModelArgs:
                 raise ConfigError(
                     f"config: attn.layers={declared} disagrees with layer_types (attn at {actual})"
                 )
+
+
+def config_fields(params: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """A `config.json` dict with ModelArgs field names: `mixer_types` -> `layer_types`.
+
+    source: the file being read; with it, the old key `layer_types` in a file that lacks
+    `mixer_types` is logged once per file as deprecated (it still reads)."""
+    if MIXER_TYPES_KEY not in params:
+        if source is not None and OLD_MIXER_TYPES_KEY in params:
+            warn_old_key(source)
+        return dict(params)
+    out = {k: v for k, v in params.items() if k != MIXER_TYPES_KEY}
+    old = out.pop(OLD_MIXER_TYPES_KEY, None)
+    mixers = params[MIXER_TYPES_KEY]
+    if old is not None and list(old) != list(mixers or []):
+        raise ConfigError(
+            f"config: {OLD_MIXER_TYPES_KEY}={old!r} disagrees with {MIXER_TYPES_KEY}={mixers!r} "
+            f"(the old key; remove it)"
+        )
+    out[OLD_MIXER_TYPES_KEY] = mixers
+    return out
+
+
+_warned: set[str] = set()
+
+
+def warn_old_key(source: str) -> None:
+    """One line, once per file and process: the old `layer_types` key still reads."""
+    if source in _warned:
+        return
+    _warned.add(source)
+    logging.getLogger("ham_mlx").warning(
+        f"{source}: the config key {OLD_MIXER_TYPES_KEY!r} is deprecated, it is now "
+        f"{MIXER_TYPES_KEY!r} (transformers rejects ours under the old name); saving the "
+        "folder with ham_mlx writes the new key"
+    )

@@ -6,6 +6,23 @@ escaping (Metaspace, split at each `▁` like `split_by_whitespace`), user-defin
 `"\\n"` kept whole, BPE with merges ranked by the merged piece's score, byte fallback
 to `<0xXX>` pieces, and the reverse on decoding. `write_hf_tokenizer` checks the result against
 the SentencePiece model on sample text before writing.
+
+`tokenizer_config.json` carries `CHAT_TEMPLATE`, so that `apply_chat_template`, `mlx_lm.chat`
+and the chat endpoints of servers work on every folder. It is a formatting convention, not chat
+training: the models ham_mlx writes (the bundled one learned Shakespeare) never saw chats, the
+template only lays messages out as plain text lines. After the tokenizer's BOS, each message is
+one line, its role capitalized, and the reply is asked for with "Assistant:" (no trailing space,
+since the reply's first piece carries its own):
+
+    <s>System: You are terse.
+    User: Hello
+    Assistant: Hi there
+    User: Bye
+    Assistant:
+
+There is no EOS inside the text (sentencepiece would read "</s>" there as five characters); a
+reply ends at the EOS token, or earlier with "\nUser:" as a stop string. The text is that of the
+built-in template of `ham-mlx serve`, after the BOS.
 """
 
 from __future__ import annotations
@@ -19,6 +36,11 @@ from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from ham_mlx.tokenizer import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 CHECK_TEXT = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
     "  Two  spaces,\ttabs, naïve café, 東京, emoji 🙂 and \\u00e9 é done.\n"
@@ -107,7 +129,7 @@ def build_hf_tokenizer(tokenizer_model_path: str | os.PathLike[str]):
 
 
 def tokenizer_config(tokenizer_model_path: str | os.PathLike[str]) -> dict:
-    """The `tokenizer_config.json` fields for a SentencePiece model."""
+    """The `tokenizer_config.json` fields for a SentencePiece model (with `CHAT_TEMPLATE`)."""
     t = _load_proto(tokenizer_model_path).trainer_spec
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -115,6 +137,7 @@ def tokenizer_config(tokenizer_model_path: str | os.PathLike[str]) -> dict:
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
+        "chat_template": CHAT_TEMPLATE,
     }
     for key, piece, i in (
         ("bos_token", t.bos_piece, t.bos_id),

@@ -1,11 +1,15 @@
 """mlx-lm interop: drive a ham_mlx model with mlx-lm's own generation loop.
 
-`Model` and its caches follow mlx-lm's model contract, so `mlx_lm.generate.stream_generate`
-runs a HAM model as it is; it only needs an mlx-lm `TokenizerWrapper`, which `mlx_lm_tokenizer`
-builds from a model folder's `tokenizer.json` + `tokenizer_config.json` (or, in memory, from its
-`tokenizer.model`). It does not use `transformers.AutoTokenizer`: transformers >= 5 loads the
-model's `config.json` first and rejects `layer_types` entries other than its own attention kinds
-(ours are "ham", "gdn", "attn").
+Whole folders: every folder ham_mlx writes names its mlx-lm module in `config.json`
+(`model_file`, see `ham_mlx.mlx_lm_model`), so `mlx_lm.load(folder, trust_remote_code=True)` and
+mlx-lm's console scripts with `--trust-remote-code` load model and tokenizer by themselves.
+
+In memory: `Model` and its caches follow mlx-lm's model contract, so
+`mlx_lm.generate.stream_generate` runs a loaded HAM model as it is; it only needs an mlx-lm
+`TokenizerWrapper`, which `mlx_lm_tokenizer` builds from a folder's `tokenizer.json` +
+`tokenizer_config.json` (or, when a folder has only `tokenizer.model`, from that). It reads no
+`config.json` through transformers, so it also serves folders written before the mixer list
+moved to the `mixer_types` key (transformers >= 5 rejects a `layer_types` key with our entries).
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Model folders: `config.json`, `model.safetensors` (or shards + index), `tokenizer.model`
-(+ `tokenizer.json` and `tokenizer_config.json` for Hugging Face tooling)."""
+(+ `tokenizer.json` and `tokenizer_config.json` for Hugging Face tooling), and `ham_model.py`, the
+module that `config.json`'s `model_file` names for mlx-lm (`mlx_lm.load(folder,
+trust_remote_code=True)` and mlx-lm's console scripts with `--trust-remote-code`).
+
+`config.json` holds `ModelArgs.to_config()`: the mixer of each layer is under `mixer_types`
+(transformers validates a `layer_types` key); a folder with the old `layer_types` key still reads,
+with a one-line deprecation message.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +22,24 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ham_mlx.config import ModelArgs
-from ham_mlx.hf_tokenizer import write_hf_tokenizer
+from ham_mlx.config import ModelArgs, config_fields
+from ham_mlx.hf_tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
 from ham_mlx.model import Model
 from ham_mlx.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
+MODEL_FILE = "ham_model.py"  # config.json's `model_file`: mlx-lm's hook for outside architectures
+MODEL_FILE_SOURCE = '''"""mlx-lm's `model_file` for this model folder (config.json names it).
+
+`mlx_lm.load(folder, trust_remote_code=True)` and mlx-lm's console scripts with
+`--trust-remote-code` import it to build the model; the code is the installed ham_mlx package
+(pip install ham-mlx), this file only points there.
+"""
+
+from ham_mlx.mlx_lm_model import Model, ModelArgs  # noqa: F401
+'''
 MAX_SHARD_BYTES = 2 * 1024**3
 
 
@@ -41,9 +58,56 @@ def read_config(path: str | Path) -> ModelArgs:
     if not isinstance(params, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     try:
-        return ModelArgs.from_dict(params)
+        return ModelArgs.from_dict(config_fields(params, source=str(file)))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{file}: {e}") from e
+
+
+def folder_config(args: ModelArgs, thresholds: list[float] | None = None) -> dict[str, Any]:
+    """The `config.json` dict of a model folder: `args.to_config()`, the trained thresholds, and
+    `model_file` for mlx-lm."""
+    config = args.to_config()
+    config["ham_threshold"] = thresholds or config["ham_threshold"]
+    config["model_file"] = MODEL_FILE
+    return config
+
+
+def write_model_file(folder: str | Path) -> Path:
+    """Write the folder's mlx-lm module (`ham_model.py`)."""
+    file = Path(folder) / MODEL_FILE
+    file.write_text(MODEL_FILE_SOURCE)
+    return file
+
+
+def update_folder(path: str | Path) -> list[str]:
+    """Bring a folder written by an older ham_mlx up to date, in place: `config.json` with
+    `mixer_types` and `model_file`, the `ham_model.py` module, `tokenizer.json` +
+    `tokenizer_config.json` where the folder has only `tokenizer.model`, and the chat template in
+    a `tokenizer_config.json` that has none. Weights are not touched. Returns the names of the
+    files written."""
+    path = Path(path)
+    args = read_config(path)
+    config = folder_config(args)
+    written = []
+    file = path / "config.json"
+    if json.loads(file.read_text()) != config:
+        tmp = path / ".config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, file)
+        written.append(file.name)
+    if not (path / MODEL_FILE).is_file() or (path / MODEL_FILE).read_text() != MODEL_FILE_SOURCE:
+        written.append(write_model_file(path).name)
+    tok_config = path / "tokenizer_config.json"
+    if (path / TOKENIZER).is_file() and not (path / "tokenizer.json").is_file():
+        write_hf_files(path / TOKENIZER, path)
+        written += [n for n in ("tokenizer.json", tok_config.name) if (path / n).is_file()]
+    elif tok_config.is_file() and not (path / "chat_template.jinja").is_file():
+        fields = json.loads(tok_config.read_text())
+        if isinstance(fields, dict) and "chat_template" not in fields:
+            fields["chat_template"] = CHAT_TEMPLATE
+            tok_config.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
+            written.append(tok_config.name)
+    return written
 
 
 def read_weights(path: str | Path) -> dict[str, mx.array]:
@@ -117,7 +181,10 @@ def load(path: str | Path | None = None) -> tuple[Model, Tokenizer]:
     model = load_model(path)
     tok_file = Path(path) / TOKENIZER
     if not tok_file.is_file():
-        raise CheckpointError(f"{tok_file}: not found; a model folder needs its tokenizer")
+        raise CheckpointError(
+            f"{tok_file}: not found; a model folder needs its tokenizer (folders that mlx-lm "
+            "saved lack it: copy it from the source folder; load_model reads the model alone)"
+        )
     tokenizer = Tokenizer.from_file(tok_file)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(
@@ -161,9 +228,9 @@ def save_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is not
     try:
-        config = {**model.args.to_dict(), **(extra_config or {})}
-        config["ham_threshold"] = model.thresholds() or config["ham_threshold"]
+        config = {**folder_config(model.args, model.thresholds()), **(extra_config or {})}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_model_file(tmp)
         weights = dict(tree_flatten(model.parameters()))
         shards = shard(weights, max_shard_bytes)
         meta = {"format": "mlx"}

@@ -71,7 +71,7 @@ def test_markdown_report_has_the_tables(run):
     md = (out / "report.md").read_text()
     headings = ["# ham-mlx bench", "## Decode", "## Prefill: gated-delta scan",
                 "## Prefill: attention over admitted tokens",
-                "## onnxruntime vs MLX (same model, same τ)", "## Targets (issue 7)"]  # fmt: skip
+                "## onnxruntime vs MLX (same model, same τ)", "## Speed targets"]  # fmt: skip
     for heading in headings:
         assert heading in md
     assert "| model | params | tok/s @16 | tok/s @40 |" in md

@@ -127,7 +127,7 @@ def test_bin_and_safetensors_give_identical_mlx_weights(tmp_path, dtype):
     assert a["model.layers.0.attn.A_log"].dtype == mx.float32
     assert a["model.norm.weight"].dtype == getattr(mx, dtype)
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert cfg["ham_router"] == "learned" and cfg["layer_types"] == ["ham", "attn", "ham"]
+    assert cfg["ham_router"] == "learned" and cfg["mixer_types"] == ["ham", "attn", "ham"]
 
 
 def test_reader_matches_torch_load_on_real_torch_files(tmp_path):

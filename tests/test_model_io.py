@@ -1,6 +1,11 @@
 """Model folders: save -> load is bit-exact, sanitize is idempotent, bad input gets clear errors."""
 
 import json
+import logging
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,8 +15,11 @@ from mlx.utils import tree_flatten
 
 from ham_mlx import ModelArgs, Tokenizer, load, load_model, save_model
 from ham_mlx.config import ConfigError
-from ham_mlx.model_io import CheckpointError
+from ham_mlx.model_io import MODEL_FILE, MODEL_FILE_SOURCE, CheckpointError, update_folder
+from ham_mlx.presets import init_model
 from ham_mlx.tokenizer import bundled_tokenizer_path
+
+TOKENIZER = bundled_tokenizer_path()
 
 MIXED = ("ham", "gdn", "attn", "ham")
 
@@ -125,3 +133,98 @@ def test_out_of_range_token_id_is_refused():
         model(mx.array([[-1, 2]]))
     with pytest.raises(ValueError, match="empty"):
         model(mx.zeros((1, 0), dtype=mx.int32))
+
+
+def test_folders_write_mixer_types_and_the_mlx_lm_module(tmp_path):
+    """config.json has the mixers under `mixer_types` (transformers validates `layer_types`) and
+    `model_file` naming the folder's module for mlx-lm; every writer goes through save_model."""
+    model = make_model(MIXED)
+    path = save_model(model, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    assert config["mixer_types"] == list(MIXED) and "layer_types" not in config
+    assert config["model_file"] == MODEL_FILE == "ham_model.py"
+    assert (path / MODEL_FILE).read_text() == MODEL_FILE_SOURCE
+    assert "from ham_mlx.mlx_lm_model import Model, ModelArgs" in MODEL_FILE_SOURCE
+    assert load_model(path).args.layer_types == list(MIXED)
+    args = model.args
+    assert ModelArgs.from_dict(args.to_config()) == ModelArgs.from_dict(args.to_dict()) == args
+    hybrid = init_model(tmp_path / "hybrid", "tiny-hybrid")
+    assert json.loads((hybrid / "config.json").read_text())["mixer_types"] == [
+        "ham", "gdn", "attn", "ham"
+    ]  # fmt: skip
+    assert (hybrid / MODEL_FILE).is_file()
+
+
+def test_mlx_lm_loader_keys_are_dropped_silently():
+    quant = {"group_size": 64, "bits": 4}
+    params = {**tiny_args(("ham",)).to_config(), "model_file": "ham_model.py",
+              "quantization_config": quant, "quantize_activations": False}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = ModelArgs.from_dict(params)
+    assert args.extra == {} and "model_file" not in args.to_config()
+
+
+def old_key_folder(tmp_path) -> Path:
+    """A folder as ham_mlx wrote it before the rename: `layer_types`, no model_file."""
+    model = make_model(MIXED, vocab_size=2048)
+    path = save_model(model, tmp_path / "old", Tokenizer.from_file(TOKENIZER))
+    config = json.loads((path / "config.json").read_text())
+    config = {("layer_types" if k == "mixer_types" else k): v for k, v in config.items()}
+    del config["model_file"]
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / MODEL_FILE).unlink()
+    return path
+
+
+def test_old_key_folder_reads_with_one_deprecation_line(tmp_path, caplog):
+    path = old_key_folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="ham_mlx"):
+        model, _ = load(path)
+        load_model(path)  # once per folder and process
+    assert model.args.layer_types == list(MIXED)
+    [record] = [r for r in caplog.records if r.name == "ham_mlx"]
+    message = record.getMessage()
+    assert str(path / "config.json") in message and "'mixer_types'" in message
+    assert "\n" not in message
+    # what a user sees: one line on stderr
+    code = f"import ham_mlx; ham_mlx.load_model({str(path)!r})"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr.strip().splitlines() == [message], r.stderr
+
+
+def test_old_key_folder_converts_and_updates(tmp_path, caplog):
+    from ham_mlx.convert.pipeline import convert
+
+    path = old_key_folder(tmp_path)
+    convert(path, tmp_path / "converted")
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["mixer_types"] == list(
+        MIXED
+    )
+    assert (tmp_path / "converted" / MODEL_FILE).is_file()
+    before = flat(load_model(path))
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    del tok_config["chat_template"]
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    assert update_folder(path) == ["config.json", MODEL_FILE, "tokenizer_config.json"]
+    assert update_folder(path) == []
+    config = json.loads((path / "config.json").read_text())
+    assert config["mixer_types"] == list(MIXED) and config["model_file"] == MODEL_FILE
+    assert "chat_template" in json.loads((path / "tokenizer_config.json").read_text())
+    caplog.clear()
+    after = flat(load_model(path))
+    assert not [r for r in caplog.records if r.name == "ham_mlx"]
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+def test_mixer_types_and_an_old_key_that_disagree_are_refused(tmp_path):
+    path = save_model(make_model(MIXED), tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["layer_types"] = ["ham", "ham", "ham", "ham"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="layer_types=.*disagrees with mixer_types"):
+        load_model(path)
+    config["layer_types"] = list(MIXED)  # the same list under both keys reads
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_model(path).args.layer_types == list(MIXED)

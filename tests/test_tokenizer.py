@@ -153,3 +153,36 @@ def test_train_tokenizer_missing_input(tmp_path):
 def test_bundled_tokenizer_is_small():
     path = bundled_tokenizer_path()
     assert path.is_file() and path.stat().st_size < 100_000
+
+
+def test_chat_template_lays_out_plain_text_lines(tmp_path):
+    """The chat template of every folder (hf_tokenizer.CHAT_TEMPLATE): BOS, one line per message
+    with its role capitalized, "Assistant:" to ask for the reply; the same text as the built-in
+    template of `ham-mlx serve` after the BOS."""
+    transformers = pytest.importorskip("transformers")
+    from ham_mlx.hf_tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(bundled_tokenizer_path(), tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi there"},
+        {"role": "user", "content": "Bye"},
+    ]
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    body = "System: You are terse.\nUser: Hello\nAssistant: Hi there\nUser: Bye\nAssistant:"
+    assert text == "<s>" + body
+    assert hf.apply_chat_template(messages, tokenize=False) == "<s>" + body.removesuffix(
+        "Assistant:"
+    )
+    prefill = [*messages, {"role": "assistant", "content": "Fare"}]
+    continued = hf.apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    assert continued == "<s>" + body + " Fare"
+    ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids == Tokenizer.from_file(bundled_tokenizer_path()).encode(body)
+    pytest.importorskip("jinja2")
+    from ham_mlx.serve.chat import load_chat_template
+
+    assert load_chat_template(tmp_path).render(messages) == body
