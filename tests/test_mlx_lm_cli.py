@@ -215,15 +215,27 @@ def test_generate_continues_from_a_cache_prompt_file(folders, prompt_cache_file)
 
 def test_generate_console_script_continues_from_a_cache_prompt_file(folders, prompt_cache_file):
     """The console script itself. It reads --prompt-cache-file before it loads the model, so in
-    a fresh process nothing has imported ham_mlx yet and mlx-lm's `load_prompt_cache` cannot
-    resolve our cache classes; that needs ham_mlx's hook at interpreter start-up (a .pth file
-    installed with the package). Until then this known failure is an expected one."""
+    a fresh process nothing has imported ham_mlx yet: mlx-lm's `load_prompt_cache` resolves our
+    cache classes through the start-up hook installed with the package (ham_mlx_mlx_lm.pth)."""
     command = script("mlx_lm.generate") + [
         "--trust-remote-code", "--prompt-cache-file", str(prompt_cache_file), "--prompt", SUFFIX,
         "--max-tokens", str(N),
     ]  # fmt: skip
     r = run(command, check=False)
-    if r.returncode != 0 and "KeyError: 'HAMCache'" in r.stderr:
-        pytest.xfail("mlx_lm.generate --prompt-cache-file needs ham_mlx imported at start-up")
     assert r.returncode == 0, r.stderr[-4000:]
     assert generated(r.stdout) == continued(folders["hybrid"], prompt_cache_file)
+
+
+def test_start_up_hook_registers_cache_classes_without_importing_ham_mlx():
+    """The installed start-up file adds a finder only; ham_mlx is imported once mlx-lm's cache
+    module is, and then the classes are there under their names."""
+    code = (
+        "import sys\n"
+        "assert 'ham_mlx' not in sys.modules and 'mlx' not in sys.modules\n"
+        "assert any(getattr(f, 'ham_mlx_cache_hook', False) for f in sys.meta_path)\n"
+        "import mlx_lm.models.cache as c\n"
+        "from ham_mlx.cache import CACHE_CLASSES\n"
+        "assert all(getattr(c, n) is k for n, k in CACHE_CLASSES.items())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-4000:]

@@ -3,6 +3,11 @@
 mlx-lm resolves a prompt-cache file's class names in the globals of `mlx_lm.models.cache`. Once
 that module is imported (now or later; importing it costs seconds, so it is never imported for
 this), ham_mlx's classes are added there, under their own names, which mlx-lm does not use.
+
+`import ham_mlx` installs it, and so does the start-up file `ham_mlx_mlx_lm.pth` that setup.py
+puts beside the package: it runs this file on its own (without importing ham_mlx) so that a fresh
+`mlx_lm.generate --prompt-cache-file` finds the classes. Only the standard library is imported at
+module level.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ def _register(module) -> None:
 
 class _Finder(importlib.abc.MetaPathFinder):
     """Registers the classes right after mlx-lm's cache module is executed."""
+
+    ham_mlx_cache_hook = True  # one finder per process, whichever copy of this file installed it
 
     def find_spec(self, fullname, path, target=None):
         if fullname != TARGET:
@@ -46,5 +53,5 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if TARGET in sys.modules:
         _register(sys.modules[TARGET])
-    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+    elif not any(getattr(f, "ham_mlx_cache_hook", False) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
