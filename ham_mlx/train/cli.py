@@ -63,7 +63,7 @@ def add_parsers(sub) -> None:
     from ham_mlx.cli import int_at_least
 
     t = sub.add_parser(
-        "train", help="train a model from a YAML/JSON config (see README, Training)",
+        "train", help="train a model from a YAML/JSON config (see docs/training.md)",
         description="Train a HAM (or GDN / attention) model. Data-parallel over processes when "
         "launched with `mlx.launch -n N ham-mlx train ...`.",
     )  # fmt: skip
