@@ -225,7 +225,8 @@ def main(a: argparse.Namespace) -> int:
     print(machine.describe(results["machine"]))
     if results["machine"]["openblas"] is None and sys.platform.startswith("linux"):
         results["notes"].append(
-            "OpenBLAS was not loaded: MLX uses its slow reference BLAS (docs/benchmarks.md, Linux speed)"
+            "OpenBLAS was not loaded: MLX uses its slow reference BLAS"
+            " (docs/benchmarks.md, Linux speed)"
         )
     if "probe" in o["parts"]:
         log("probe: memory bandwidth and matmul throughput")
