@@ -84,7 +84,22 @@ def load_chat_template(model_dir: str | Path) -> ChatTemplate:
         template = env.from_string(source)
     except TemplateError as e:
         raise ValueError(f"{file}: chat_template does not compile ({e})") from e
-    return ChatTemplate(
+    chat = ChatTemplate(
         template, str(file), bos_token=_token_text(config, "bos_token"),
         eos_token=_token_text(config, "eos_token"), text=source,
     )  # fmt: skip
+    if _writes_builtin_format(chat):  # e.g. the template ham_mlx writes: stop as the built-in does
+        chat.stop = list(BUILTIN_STOP)
+    return chat
+
+
+PROBE = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+
+
+def _writes_builtin_format(chat: ChatTemplate) -> bool:
+    try:
+        return chat.render(PROBE) == Template(BUILTIN).render(
+            messages=PROBE, add_generation_prompt=True
+        )
+    except Exception:  # a template that refuses these messages does not write the plain format
+        return False
