@@ -87,10 +87,11 @@ class HAMCache(RecurrentState):
         counts = self.buffer.host_counts
         return [] if counts is None else [int(c) for c in counts]
 
-    def fetch(self) -> tuple[mx.array, mx.array, mx.array, mx.array, mx.array]:
+    def fetch(self, exact: bool = False) -> tuple[mx.array, ...]:
         """keys [B,H,n,Dk], values [B,HV,n,Dv], scores [B,n], positions [B,n], count [B], where
-        n bounds every row's count."""
-        e = self.buffer.view()
+        n bounds every row's count (exact: n = the largest count, at least 1, read on the
+        host)."""
+        e = self.buffer.view(max(self.buffer.filled(), 1) if exact else None)
         return e.keys, e.values, e.scores, e.positions, self.buffer.count
 
     @property

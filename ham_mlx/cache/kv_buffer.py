@@ -130,6 +130,15 @@ class KVBuffer:
         self.n_max = int(counts.max()) if len(counts) else 0
         self._appended = 0
 
+    def settled_min(self) -> int:
+        """Slots that every row had filled as of the last settle (host, no sync)."""
+        counts = self.host_counts
+        return int(counts.min()) if counts is not None and len(counts) else 0
+
+    def filled(self) -> int:
+        """max(count) now: one host sync. Leaves the bookkeeping to `settle`."""
+        return 0 if self.count is None else int(mx.max(self.count).item())
+
     @property
     def changed(self) -> bool:
         """Whether entries were written since the last settle."""

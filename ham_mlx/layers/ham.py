@@ -7,6 +7,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ham_mlx import kernels
 from ham_mlx.admission import admit
 from ham_mlx.cache import HAMCache
 from ham_mlx.cache.kv_buffer import append_slots, scatter_entries
@@ -182,12 +183,14 @@ class HAMAttention(GatedDeltaNet):
             kv_out = gated_output(o_kv, gate, self.kv_norm.weight, self.norm_eps)
         else:  # store the admitted tokens, then attend over the compact cache only
             q_pos = rows.query_positions(L)
+            settled = cache.buffer.settled_min()  # slots every row filled before this call
             cache.store(k, v, mx.stop_gradient(score), admitted, rows)
-            keys, values, stored, positions, count = cache.fetch()
+            exact = not kernels.kernels_enabled()  # the ops attend the filled slots only
+            keys, values, stored, positions, count = cache.fetch(exact)
             bias = key_bias(stored) if learned else None
             kv_out = cached_admitted_attention(
                 q, keys, values, count, positions, q_pos, self.attn_log_scale, self.attn_sink,
-                bias, gate, self.kv_norm.weight, self.norm_eps,
+                bias, gate, self.kv_norm.weight, self.norm_eps, settled,
             )  # fmt: skip
         y = self.rnn_output(rec) + kv_out  # [B, L, HV, Dv]
         return self.o_proj(y.astype(x.dtype).reshape(B, L, -1))

@@ -106,6 +106,74 @@ def compact_attention(
     return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)
 
 
+LOG2E = 1.4426950408889634
+EXPONENT_RANGE = 80.0  # natural-log units; exp(-80) is still a normal float32
+
+
+def fits_exp2(log_scale: mx.array, sink: mx.array, key_bias: bool) -> bool:
+    """Whether `chunk_attention` may stabilise the softmax with the bound of the logits instead
+    of their maximum: every unmasked logit and the sink then lie within EXPONENT_RANGE of it.
+    Reads two parameter arrays on the host."""
+    s = mx.exp(log_scale.astype(mx.float32))
+    sink = sink.astype(mx.float32)
+    low = mx.minimum(-s - (14.0 if key_bias else 0.0), sink)  # log(max(r, 1e-6)) >= -13.9
+    return float(mx.max(mx.maximum(s, sink) - low).item()) <= EXPONENT_RANGE
+
+
+def chunk_attention(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    counts: mx.array,
+    key_positions: mx.array,
+    query_positions: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+    settled: int = 0,
+) -> mx.array:
+    """`compact_attention` for many queries at once (cached prefill on the CPU), same arguments
+    and result; settled: slots [0, settled) hold, in every row, entries stored before this call
+    (positions before every query), so only the later slots need a mask.
+
+    q̂ and k̂ have unit norm and the router bias is <= 0, so no logit of head j exceeds
+    m_j = max(s_j, sink_j) with s_j = exp(log_scale_j). One product gives the logits in base 2,
+    already shifted by -m_j: q'_t = [c s_j q̂_t, 1], k'_s = [k̂_s, c (bias_s - m_j)], c = log2 e,
+    plus a sink key [0, c (sink_j - m_j)] with a zero value. Then p = 2^logit (no max pass; 2^x
+    is cheaper than e^x on the CPU), o = (p @ [v; 0]) / Σ p. Masked logits are -inf, so a query
+    with no admitted key gets exactly 0. Needs `fits_exp2`. Returns `[B, HV, L, Dv]`.
+    """
+    B, H, L, Dk = q.shape
+    HV, n = values.shape[1], keys.shape[2]
+    if HV != H:
+        q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
+    f32 = mx.float32
+    s = mx.exp(log_scale.astype(f32))  # [HV]
+    m = mx.maximum(s, sink.astype(f32))
+    qx = mx.concatenate([q.astype(f32) * (LOG2E * s)[:, None, None], mx.ones((B, HV, L, 1), f32)],
+                        axis=-1)  # [B, HV, L, Dk+1]  # fmt: skip
+    shift = mx.broadcast_to((-LOG2E * m)[None, :, None, None], (B, HV, n, 1))
+    if key_bias is not None:
+        shift = shift + LOG2E * key_bias.astype(f32)[:, None, :, None]
+    sink_key = mx.concatenate(
+        [mx.zeros((B, HV, 1, Dk), f32),
+         mx.broadcast_to((LOG2E * (sink.astype(f32) - m))[None, :, None, None], (B, HV, 1, 1))],
+        axis=-1,
+    )  # [B, HV, 1, Dk+1]  # fmt: skip
+    kx = mx.concatenate([mx.concatenate([keys.astype(f32), shift], axis=-1), sink_key], axis=2)
+    logits = qx @ kx.swapaxes(-1, -2)  # [B, HV, L, n+1], base 2, shifted
+    if settled < n:
+        q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]
+        slot = mx.arange(settled, n)
+        late = (slot[None, :] < counts[:, None])[:, None, :] & (
+            key_positions[:, None, settled:n] <= q_pos[:, :, None]
+        )  # [B, L, n - settled]
+        logits[..., settled:n] = mx.where(late[:, None], logits[..., settled:n], -mx.inf)
+    p = mx.power(2.0, logits)
+    vx = mx.concatenate([values.astype(f32), mx.zeros((B, HV, 1, values.shape[3]), f32)], axis=2)
+    return ((p @ vx) / p.sum(axis=-1, keepdims=True)).astype(q.dtype)
+
+
 def buffer_attention(
     q: mx.array,
     keys: mx.array,
@@ -164,9 +232,11 @@ def cached_admitted_attention(
     gate: mx.array,
     norm_weight: mx.array,
     eps: float,
+    settled: int | None = None,
 ) -> mx.array:
     """`gated_output(compact_attention(...))`: the HAM attention term over the cache,
-    `[B, L, HV, Dv]`. On a GPU a fused kernel computes it (see ham_mlx.kernels)."""
+    `[B, L, HV, Dv]`. On a GPU a fused kernel computes it (see ham_mlx.kernels); with
+    `settled` (see `chunk_attention`) and more than one query, `chunk_attention` does."""
     if kernels.kernels_enabled():
         if query_positions.ndim != 1:
             kernels.warn_fallback("admitted-attention", "rows at different positions")
@@ -175,9 +245,11 @@ def cached_admitted_attention(
             return _attention_gpu(*args, key_bias, gate, norm_weight, eps)
         else:
             kernels.warn_fallback("admitted-attention", "head sizes are not multiples of 32")
-    o = compact_attention(
-        q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias
-    )
+    args = (q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias)
+    if settled is not None and q.shape[2] > 1 and fits_exp2(log_scale, sink, key_bias is not None):
+        o = chunk_attention(*args, settled)
+    else:
+        o = compact_attention(*args)
     return gated_output(o, gate, norm_weight, eps)
 
 

@@ -1,0 +1,134 @@
+"""The cached-prefill attention (`chunk_attention`, one product with the logits' bound folded in,
+base-2 exponent) against its twin `compact_attention` and the float64 reference, and the HAM
+layer's chunked prefill with it against the same prefill through the twin."""
+
+import ham_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model
+
+from ham_mlx import kv_stats
+from ham_mlx.ops import attention
+from ham_mlx.ops.attention import (
+    attention_reference,
+    chunk_attention,
+    compact_attention,
+    fits_exp2,
+)
+
+B, DK, DV = 2, 16, 32
+
+
+def unit(x):
+    return x / mx.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def cache_inputs(H, HV, L, settled, late, counts, seed=0, scale=None):
+    """A compact cache of `settled + late` slots: the first `settled` slots of each row hold
+    positions before the chunk, the later ones positions inside it (the chunk's own admitted
+    tokens, row b keeping counts[b] slots in all). Queries are the chunk's L positions."""
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)
+    start = 3 * settled + 5
+    n = settled + late
+    q = unit(mx.random.normal((B, H, L, DK)))
+    keys = unit(mx.random.normal((B, H, n, DK)))
+    values = mx.random.normal((B, HV, n, DV))
+    positions = np.zeros((B, n), dtype=np.int32)
+    for b in range(B):
+        positions[b, :settled] = np.sort(rng.choice(start, settled, replace=False))
+        positions[b, settled:] = start + np.sort(rng.choice(L, late, replace=False))
+    log_scale = mx.log(mx.sqrt(mx.array(DK, mx.float32))) + 0.3 * mx.random.normal((HV,))
+    if scale is not None:
+        log_scale = mx.full((HV,), float(np.log(scale)))
+    sink = mx.random.normal((HV,))
+    bias = mx.log(mx.random.uniform(1e-3, 1.0, (B, n)))
+    q_pos = mx.arange(start, start + L, dtype=mx.int32)
+    counts = mx.array(counts, dtype=mx.int32)
+    return q, keys, values, counts, mx.array(positions), q_pos, log_scale, sink, bias
+
+
+def reference(q, keys, values, counts, positions, q_pos, log_scale, sink, bias):
+    """attention_reference with GVA repeated and the compact cache's mask spelled out."""
+    HV, H = values.shape[1], q.shape[1]
+    q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
+    n = keys.shape[2]
+    pos, cnt, qp = np.array(positions), np.array(counts), np.array(q_pos)
+    mask = (np.arange(n)[None, None, :] < cnt[:, None, None]) & (
+        pos[:, None, :] <= qp[None, :, None]
+    )  # [B, L, n]
+    return attention_reference(q, keys, values, mask[:, None], log_scale, sink, bias)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["cosine", "learned"])
+@pytest.mark.parametrize(
+    "H, HV, L, settled, late, counts",
+    [
+        (2, 2, 7, 5, 3, [8, 8]),
+        (2, 4, 7, 5, 3, [6, 8]),  # GVA; row 0 admitted only 1 of the chunk's tokens
+        (3, 3, 1, 4, 0, [4, 2]),  # one query; a row with fewer settled entries
+        (2, 2, 6, 0, 4, [4, 0]),  # empty cache before the chunk; an empty row
+    ],
+    ids=["mha", "gva-ragged", "one-query", "first-chunk"],
+)
+def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias):
+    args = cache_inputs(H, HV, L, settled, late, counts)
+    *args, key_bias = args
+    key_bias = key_bias if bias else None
+    # `settled` promises slots every row filled before the call: the smallest count of those
+    done = min(settled, min(counts))
+    got = chunk_attention(*args, key_bias, done)
+    twin = compact_attention(*args, key_bias)
+    assert got.shape == twin.shape == (B, HV, L, DV) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(twin), atol=2e-6, rtol=1e-5)
+    ref = reference(*args, key_bias)
+    np.testing.assert_allclose(np.array(got), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_queries_with_nothing_to_see_get_exactly_zero():
+    q, keys, values, counts, positions, q_pos, log_scale, sink, _ = cache_inputs(
+        2, 2, 6, 0, 4, [4, 0]
+    )
+    got = chunk_attention(q, keys, values, counts, positions, q_pos, log_scale, sink, None, 0)
+    assert bool(mx.all(got[1] == 0.0))  # row 1 stored nothing
+    first = int(np.array(positions)[0, 0]) - int(np.array(q_pos)[0])
+    assert bool(mx.all(got[0, :, :first] == 0.0))  # before row 0's first admitted token
+
+
+def test_large_scales_are_refused():
+    """Beyond EXPONENT_RANGE the bound could underflow every logit: the layer takes the twin."""
+    args = cache_inputs(2, 2, 5, 3, 2, [5, 5], scale=60.0)
+    assert not fits_exp2(args[6], args[7], False)
+    assert fits_exp2(mx.full((2,), float(np.log(11.3))), mx.zeros((2,)), True)
+
+
+@pytest.mark.parametrize("router", ["cosine", "learned"])
+def test_chunked_prefill_matches_the_twin(router, monkeypatch):
+    """A whole model prefilled in chunks: chunk_attention against compact_attention (taken when
+    fits_exp2 says no): logits within 1e-4, the same admission decisions, the same caches."""
+    model = make_model(["ham", "ham"], ham_router=router)
+    ids = mx.array(np.random.default_rng(3).integers(0, 61, (2, 40)))
+    scores = []
+    model(ids, scores=scores)
+    tau = [float(np.median(np.array(s))) for s in scores]  # about half of the tokens admitted
+
+    def prefill():
+        cache = model.make_cache(threshold=tau)
+        out = [model(ids[:, i : i + n], cache) for i, n in ((0, 9), (9, 16), (25, 15))]
+        logits = mx.concatenate(out, axis=1)
+        mx.eval(logits)
+        return np.array(logits), cache
+
+    fast, fast_cache = prefill()
+    monkeypatch.setattr(attention, "fits_exp2", lambda *a: False)
+    slow, slow_cache = prefill()
+    np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=0)
+    admitted = [s["admitted"] for s in kv_stats(fast_cache)]
+    assert admitted == [s["admitted"] for s in kv_stats(slow_cache)]
+    assert all(0 < sum(a) < 80 for a in admitted), admitted  # mixed admission
+    for a, b in zip(fast_cache, slow_cache):
+        for x, y in zip(a.state[:7], b.state[:7]):
+            np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5, rtol=0)
