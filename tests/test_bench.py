@@ -21,6 +21,7 @@ TINY = [
     "--fractions", "0.25,0.5", "--steps", "2", "--repeats", "1", "--warmup", "1",
     "--prefill-lengths", "16,32", "--prefill-repeats", "1", "--probe-mb", "4",
     "--onnx-contexts", "16,40", "--parts", "probe,decode,prefill,onnx",
+    "--prompt-lengths", "24,40", "--peer-max-length", "24",
 ]  # fmt: skip
 
 
@@ -37,7 +38,8 @@ def test_results_json_has_every_part(run):
     assert r["command"].startswith("ham-mlx bench --quick")
     assert r["machine"]["cores"] >= 1 and r["machine"]["mlx"]
     assert r["probe"]["read_gbps"] > 0 and r["probe"]["mlx_matmul_gflops"] > 0
-    models = ["ham-25%", "ham-50%", "gdn", "attn"] + (["llama (mlx-lm)"] if have_mlx_lm() else [])
+    peers = ["llama (mlx-lm)", "gdn (mlx-lm)"] if have_mlx_lm() else []
+    models = ["ham-25%", "ham-50%", "gdn", "attn"] + peers
     assert [(d["context"], d["model"]) for d in r["decode"]] == [
         (c, m) for c in (16, 40) for m in models
     ]
@@ -48,10 +50,17 @@ def test_results_json_has_every_part(run):
         assert 0 < d["roofline_fraction"]
         if d["kind"] == "ham":
             assert 0 <= d["kv_fraction"] <= 1 and d["kv_bytes"] > 0 and d["state_bytes"] > 0
-        elif d["kind"] == "gdn":
+        elif d["kind"] == "gdn" or d["model"] == "gdn (mlx-lm)":
             assert d["kv_bytes"] == 0 and d["state_bytes"] > 0
         else:
             assert d["kv_bytes"] > 0
+    whole = [(p["T"], p["model"]) for p in r["prefill"]["model"]]
+    ham = ["ham-10%", "ham-25%"]
+    assert whole == [(24, m) for m in ["gdn", *ham, *peers[1:]]] + [(40, m) for m in ["gdn", *ham]]
+    for p in r["prefill"]["model"]:
+        assert p["tok_s"] > 0 and p["roofline_fraction"] > 0 and len(p["samples_s"]) == 1
+        assert p["product_flops"] / p["T"] > 2 * 61 * 64  # at least the head's weights
+        assert (p["kv_fraction"] is not None) == (p["kind"] == "ham")
     methods = {(p["method"], p["T"]) for p in r["prefill"]["scan"]}
     assert len(methods) == 6
     assert len(r["prefill"]["attention"]) == 2 * 2 * 2  # methods x lengths x fractions
@@ -69,7 +78,8 @@ def test_results_json_has_every_part(run):
 def test_markdown_report_has_the_tables(run):
     out, r = run
     md = (out / "report.md").read_text()
-    headings = ["# ham-mlx bench", "## Decode", "## Prefill: gated-delta scan",
+    headings = ["# ham-mlx bench", "## Decode", "## Prefill: whole models",
+                "## Prefill: gated-delta scan",
                 "## Prefill: attention over admitted tokens",
                 "## onnxruntime vs MLX (same model, same τ)", "## Speed targets"]  # fmt: skip
     for heading in headings:
@@ -103,6 +113,32 @@ def test_targets_read_the_measurements():
     assert status["At 512 context"] == "not measured"
     decode[2]["tok_s"] = 15.0
     assert targets.evaluate({"decode": decode})[0]["status"] == "met"
+
+
+def test_prefill_targets_read_the_measurements():
+    def row(model, T, tok_s, roof=0.5):
+        return {"model": model, "T": T, "tok_s": tok_s, "kv_fraction": 0.1,
+                "roofline_fraction": roof}  # fmt: skip
+
+    rows = [row("gdn", 16384, 100.0), row("ham-10%", 16384, 80.0), row("ham-25%", 16384, 60.0),
+            row("gdn", 2048, 100.0), row("ham-10%", 2048, 79.0), row("gdn", 4096, 100.0, 0.7),
+            row("ham-10%", 4096, 90.0, 0.69), row("gdn (mlx-lm)", 4096, 25.0)]  # fmt: skip
+    speed = targets.prefill_speed(rows)
+    assert speed["status"] == "missed"
+    assert "ham-10% (cached 0.100) at 2048: 0.79x" in speed["detail"]
+    rows[4]["tok_s"] = 80.0
+    assert targets.prefill_speed(rows)["status"] == "met"
+    assert targets.prefill_speed(rows[:3])["status"] == "not measured"
+    assert targets.prefill_roofline(rows)["status"] == "missed"
+    rows[6]["roofline_fraction"] = 0.7
+    assert targets.prefill_roofline(rows)["detail"] == "gdn 70%, ham-10% 70%"
+    decode = [{"context": 512, "model": "gdn", "tok_s": 30.0},
+              {"context": 512, "model": "gdn (mlx-lm)", "tok_s": 24.0}]  # fmt: skip
+    peer = targets.gdn_peer(rows, decode)
+    assert peer["status"] == "met" and peer["detail"].startswith("prefill 4.00x")
+    decode[1]["tok_s"] = 26.0
+    assert targets.gdn_peer(rows, decode)["status"] == "missed"
+    assert targets.gdn_peer(rows, [])["status"] == "missed"
 
 
 def test_onnx_target_reads_the_slowest_context():

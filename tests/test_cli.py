@@ -278,7 +278,7 @@ CONFLICTS = [
     (["convert", "s", "d", "--q-bits", "8"], "--q-bits applies to quantized weights"),
     (["bench", "--parts", "probe", "--contexts", "16"], "--contexts applies to the decode part"),
     (["bench", "--parts", "decode", "--onnx-fraction", "0.5"], "applies to the onnx part"),
-    (["bench", "--parts", "probe", "--prefill-step-size", "64"], "decode and onnx parts"),
+    (["bench", "--parts", "probe", "--prefill-step-size", "64"], "decode, prefill and onnx parts"),
     (["tokenizer", "encode", "--tokenizer", "t", "--input", "x", "--out", "o",
       "--valid-fraction", "1"], "must lie in [0, 1)"),
     (["train", "--config", "c.yaml", "--steps", "0"], "must be >= 1"),

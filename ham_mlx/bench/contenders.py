@@ -6,7 +6,9 @@
   The fraction reported is the one measured in the cache (`kv_stats`), not the target.
 - `gdn`: all Gated DeltaNet layers (no KV cache).
 - `attn`: all softmax-attention layers (MHA, RoPE), ham_mlx's Transformer.
-- `llama (mlx-lm)`: mlx-lm's Llama with the same dimensions, the external peer.
+- `llama (mlx-lm)`: mlx-lm's Llama with the same dimensions, the external attention peer.
+- `gdn (mlx-lm)`: mlx-lm's own Gated DeltaNet model (`mlx_lm.models.qwen3_5`, every layer linear
+  attention) with the GDN model's widths, the external recurrent peer.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ class Contender:
             return sum(s["kv_bytes"] for s in kv_stats(self.cache))
         total = 0
         for c in self.cache:
-            if c.keys is not None:
+            if getattr(c, "keys", None) is not None:
                 B, N, _, D = c.keys.shape
                 per_token = D * c.keys.itemsize + c.values.shape[3] * c.values.itemsize
                 total += c.offset * B * N * per_token
@@ -115,8 +117,10 @@ class Contender:
 
     def state_bytes(self) -> int:
         """Bytes of the fixed-size recurrent state (GDN/HAM: S and the conv inputs)."""
-        if not self.is_ham_mlx:
-            return 0
+        if not self.is_ham_mlx:  # mlx-lm's recurrent caches (ArraysCache: conv inputs, state)
+            caches = [c for c in self.cache if not hasattr(c, "keys")]
+            arrays = tree_flatten([c.state for c in caches])
+            return sum(a.nbytes for _, a in arrays if isinstance(a, mx.array))
         return sum(s["state_bytes"] for s in kv_stats(self.cache))
 
     def kv_fraction(self) -> list[float] | None:
@@ -165,6 +169,31 @@ def llama_model(args: ModelArgs) -> Any:
     return llama.Model(la)
 
 
+def qwen3_5_gdn_model(args: ModelArgs) -> Any:
+    """mlx-lm's Qwen3.5 model with only Gated DeltaNet layers (full_attention_interval beyond the
+    depth) and the widths of `args` (heads, head sizes, MLP, vocab; random weights)."""
+    from mlx_lm.models import qwen3_5
+
+    text = {
+        "model_type": "qwen3_5_text", "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size, "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_heads, "num_key_value_heads": args.num_heads,
+        "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size,
+        "linear_num_key_heads": args.num_heads, "linear_num_value_heads": args.num_v_heads,
+        "linear_key_head_dim": args.head_dim, "linear_value_head_dim": args.head_v_dim,
+        "linear_conv_kernel_dim": args.conv_size, "tie_word_embeddings": args.tie_word_embeddings,
+        "full_attention_interval": args.num_hidden_layers + 1,
+    }  # fmt: skip
+    model = qwen3_5.Model(qwen3_5.ModelArgs.from_dict({**text, "model_type": "qwen3_5"}))
+    model.language_model.model.fa_idx = None  # no attention layer, so no attention mask
+    return model
+
+
+def peer_embedding(model: Any) -> mx.array:
+    """The token embedding of an mlx-lm model (Llama or Qwen3.5)."""
+    return model.model.embed_tokens.weight
+
+
 def build_contenders(
     preset: str, vocab_size: int, fractions: list[float], with_mlx_lm: bool, seed: int = 0
 ) -> list[Contender]:
@@ -184,11 +213,14 @@ def build_contenders(
         llama = llama_model(decode_args(preset, vocab_size, "attn"))
         mx.eval(llama.parameters())
         out.append(Contender("llama (mlx-lm)", "mlx-lm", llama, make_prompt_cache(llama)))
+        gdn = qwen3_5_gdn_model(decode_args(preset, vocab_size, "gdn"))
+        mx.eval(gdn.parameters())
+        out.append(Contender("gdn (mlx-lm)", "mlx-lm", gdn, make_prompt_cache(gdn)))
     for c in out:
         if c.is_ham_mlx:
             emb, tied = c.model.model.embeddings.weight, c.model.args.tie_word_embeddings
         else:
-            emb, tied = c.model.model.embed_tokens.weight, c.model.args.tie_word_embeddings
+            emb, tied = peer_embedding(c.model), preset_args(preset, vocab_size).tie_word_embeddings
         n, nbytes = weight_bytes(c.model, emb, tied)
         c.info = {"parameters": n, "step_weight_bytes": nbytes}
     return out

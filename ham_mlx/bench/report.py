@@ -26,6 +26,11 @@ def _ratio(a: float | None, b: float | None, digits: int = 2) -> str:
     return "–" if not a or not b else f"{a / b:.{digits}f}x"
 
 
+def _no_kv(row: dict[str, Any]) -> bool:
+    """A model without a KV cache: all-GDN, or mlx-lm's Gated DeltaNet model."""
+    return row["kind"] == "gdn" or (row["kind"] == "mlx-lm" and row["kv_bytes"] == 0)
+
+
 def headline_table(results: dict[str, Any]) -> str:
     """Models as rows: decode tok/s at each context, then cached fraction and KV at the longest."""
     decode = results.get("decode") or []
@@ -43,7 +48,7 @@ def headline_table(results: dict[str, Any]) -> str:
         cells = [m, f"{r['parameters'] / 1e6:.3g}M"]
         cells += [f"{at[(m, c)]['tok_s']:.1f}" for c in contexts]
         frac = r["kv_fraction"]
-        cached = "0" if r["kind"] == "gdn" else ("all" if frac is None else f"{frac:.1%}")
+        cached = "0" if _no_kv(r) else ("all" if frac is None else f"{frac:.1%}")
         cells += [cached, _mib(r["kv_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -59,7 +64,7 @@ def decode_table(decode: list[dict[str, Any]]) -> str:
         attn, llama = ref.get("attn", {}), ref.get("llama (mlx-lm)", {})
         for r in rows:
             frac = r["kv_fraction"]
-            cached = "0" if r["kind"] == "gdn" else ("all" if frac is None else f"{frac:.3f}")
+            cached = "0" if _no_kv(r) else ("all" if frac is None else f"{frac:.3f}")
             roof = r.get("roofline_fraction")
             cells = [
                 _ctx(ctx), r["model"], cached, f"{r['tok_s']:.2f}", f"{r['ms_per_step']:.1f}",
@@ -93,6 +98,28 @@ def attention_table(rows: list[dict[str, Any]]) -> str:
     for T, f in sorted({(r["T"], r["fraction"]) for r in rows}):
         d, c = at[("masked-dense", T, f)]["tok_s"], at[("admitted-only", T, f)]["tok_s"]
         lines.append(f"| {T} | {f:.0%} | {d:.0f} | {c:.0f} | {_ratio(c, d, 1)} |")
+    return "\n".join(lines)
+
+
+def model_prefill_table(rows: list[dict[str, Any]]) -> str:
+    """Prompt lengths as rows: each model's tok/s, its ratio to all-GDN, its roofline."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    at = {(r["model"], r["T"]): r for r in rows}
+    head = ["T"] + [f"{m} tok/s (vs gdn, roofline)" for m in models]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for T in sorted({r["T"] for r in rows}):
+        gdn = at.get(("gdn", T), {}).get("tok_s")
+        cells = [_ctx(T)]
+        for m in models:
+            r = at.get((m, T))
+            if r is None:
+                cells.append("–")
+                continue
+            roof = r["roofline_fraction"]
+            cached = "" if r["kv_fraction"] is None else f", cached {r['kv_fraction']:.3f}"
+            cells.append(f"{r['tok_s']:.1f} ({_ratio(r['tok_s'], gdn)}, "
+                         f"{'–' if roof is None else f'{roof:.0%}'}{cached})")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -151,6 +178,21 @@ def markdown(results: dict[str, Any]) -> str:
         for note in results.get("notes", []):
             out += [f"Note: {note}", ""]
     prefill = results.get("prefill") or {}
+    if prefill.get("model"):
+        o = results["options"]
+        out += [
+            "## Prefill: whole models",
+            "",
+            f"Preset `{o['preset']}`, vocab {o['vocab']}, float32, random weights, batch 1; from "
+            f"an empty cache in chunks of {o['chunk']}; median of {o['prefill_repeats']} rounds, "
+            "interleaved. HAM: each layer's τ fixed to admit the named fraction of the prompt "
+            "(`cached`: the measured fraction). "
+            "`roofline`: FLOPs of the weight products / the probe's matmul "
+            "GFLOP/s, divided by the measured time.",
+            "",
+            model_prefill_table(prefill["model"]),
+            "",
+        ]  # fmt: skip
     if prefill.get("scan"):
         out += ["## Prefill: gated-delta scan (one layer)", "", scan_table(prefill["scan"]), ""]
     if prefill.get("attention"):

@@ -1,7 +1,8 @@
 """The speed targets of HAM generation, checked on one run's measurements (same-run ratios,
 never asserted): long-context decode speed and KV bytes against attention and mlx-lm's Llama,
 short-context decode against Llama, the chunked scan against the sequential one and MLX's
-kernel, the bandwidth roofline, and onnxruntime against MLX."""
+kernel, the bandwidth roofline, whole-model prefill of HAM against all-GDN and against the matmul
+roofline, ham_mlx's GDN model against mlx-lm's, and onnxruntime against MLX."""
 
 from __future__ import annotations
 
@@ -10,6 +11,12 @@ from typing import Any
 LONG_CONTEXT = 16384
 SHORT_CONTEXT = 512
 SCAN_T = 4096
+PEER = "gdn (mlx-lm)"
+PREFILL_RATIOS = [  # (model, prompt length, least prefill speed as a fraction of all-GDN's)
+    ("ham-10%", 16384, 0.75), ("ham-25%", 16384, 0.55), ("ham-10%", 2048, 0.8),
+]  # fmt: skip
+PREFILL_ROOFLINE_T, PREFILL_ROOFLINE = 4096, 0.7
+PEER_T, PEER_PREFILL, PEER_DECODE = 4096, 4.0, 1.2
 
 
 def _rows(decode: list[dict[str, Any]], context: int) -> dict[str, dict[str, Any]]:
@@ -95,11 +102,66 @@ def roofline(decode: list[dict[str, Any]]) -> dict[str, str]:
     return _target(text, "met" if worst["roofline_fraction"] >= 0.5 else "missed", detail)
 
 
+def prefill_speed(rows: list[dict[str, Any]]) -> dict[str, str]:
+    text = "Prefill: " + ", ".join(
+        f"{m} >= {r}x all-GDN at {T // 1024}k" for m, T, r in PREFILL_RATIOS
+    )
+    at = {(r["model"], r["T"]): r for r in rows}
+    details, status = [], "met"
+    for model, T, least in PREFILL_RATIOS:
+        h, g = at.get((model, T)), at.get(("gdn", T))
+        if h is None or g is None:
+            details.append(f"{model} at {T}: not measured")
+            status = "not measured" if status == "met" else status
+            continue
+        ratio = h["tok_s"] / g["tok_s"]
+        if ratio < least:
+            status = "missed"
+        details.append(f"{model} (cached {h['kv_fraction']:.3f}) at {T}: {ratio:.2f}x")
+    return _target(text, status, "; ".join(details))
+
+
+def prefill_roofline(rows: list[dict[str, Any]]) -> dict[str, str]:
+    text = (
+        f"Whole-model prefill of all-GDN and HAM-10% at {PREFILL_ROOFLINE_T // 1024}k reaches "
+        f">= {PREFILL_ROOFLINE:.0%} of the matmul roofline"
+    )
+    at = {r["model"]: r for r in rows if r["T"] == PREFILL_ROOFLINE_T}
+    got = [(m, at[m].get("roofline_fraction")) for m in ("gdn", "ham-10%") if m in at]
+    if len(got) < 2 or any(f is None for _, f in got):
+        return _target(text, "not measured", f"needs T = {PREFILL_ROOFLINE_T} and the probe")
+    ok = all(f >= PREFILL_ROOFLINE for _, f in got)
+    return _target(text, "met" if ok else "missed", ", ".join(f"{m} {f:.0%}" for m, f in got))
+
+
+def gdn_peer(prefill_rows: list[dict[str, Any]], decode: list[dict[str, Any]]) -> dict[str, str]:
+    text = (
+        f"All-GDN against mlx-lm's Gated DeltaNet model: prefill >= {PEER_PREFILL:g}x at "
+        f"{PEER_T // 1024}k, decode >= {PEER_DECODE:g}x"
+    )
+    at = {r["model"]: r for r in prefill_rows if r["T"] == PEER_T}
+    if "gdn" not in at or PEER not in at:
+        return _target(text, "not measured", f"needs prefill at T = {PEER_T} and mlx-lm")
+    r_pre = at["gdn"]["tok_s"] / at[PEER]["tok_s"]
+    dec = {}
+    for ctx in sorted({r["context"] for r in decode}):
+        rows = _rows(decode, ctx)
+        if "gdn" in rows and PEER in rows:
+            dec[ctx] = rows["gdn"]["tok_s"] / rows[PEER]["tok_s"]
+    ok = r_pre >= PEER_PREFILL and bool(dec) and min(dec.values()) >= PEER_DECODE
+    detail = f"prefill {r_pre:.2f}x (mlx-lm / ham_mlx {1 / r_pre:.2f}x); decode " + (
+        ", ".join(f"{v:.2f}x at {c}" for c, v in dec.items()) if dec else "not measured"
+    )
+    return _target(text, "met" if ok else "missed", detail)
+
+
 def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
     decode = results.get("decode") or []
     prefill = results.get("prefill") or {}
     out = [long_context(decode), short_context(decode), *scan(prefill.get("scan") or [])]
     out.append(roofline(decode))
+    model = prefill.get("model") or []
+    out += [prefill_speed(model), prefill_roofline(model), gdn_peer(model, decode)]
     out.append(onnx(results.get("onnx") or {}))
     return out
 
