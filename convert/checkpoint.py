@@ -3,17 +3,18 @@
 Looked for in this order (the first that exists wins):
 `model.safetensors.index.json` (+ shards), `model.safetensors`, `pytorch_model.bin.index.json`
 (+ shards), `pytorch_model.bin`, else the only `*.safetensors` / `*.bin` / `*.pt` / `*.pth` file.
+An index may name only files inside the folder (`ham_mlx.folder_files`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from ham_mlx.convert.safetensors_io import read_safetensors
 from ham_mlx.convert.tensors import ConversionError, LazyTensor
 from ham_mlx.convert.torch_zip import read_torch_zip
+from ham_mlx.folder_files import read_index
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -44,20 +45,15 @@ def weight_files(src: Path) -> list[Path]:
 
 
 def index_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{index}: not a checkpoint index ({type(e).__name__}: {e})") from e
-    if not all(isinstance(f, str) for f in files):
-        raise ConversionError(f"{index}: weight_map values must be file names")
-    missing = [f for f in files if not (index.parent / f).is_file()]
+    """The shards an index names, each inside the index's folder (`ham_mlx.folder_files`)."""
+    files = sorted(set(read_index(index, ConversionError).values()))
+    missing = [f for f in files if not f.is_file()]
     if missing:
         raise ConversionError(
-            f"{index.parent / missing[0]}: shard named by {index.name} is missing "
+            f"{missing[0]}: shard named by {index.name} is missing "
             f"({len(missing)} of {len(files)} shards missing)"
         )
-    return [index.parent / f for f in files]
+    return files
 
 
 def read_file(path: Path) -> dict[str, LazyTensor]:
@@ -114,8 +110,9 @@ def read_weights(src: str | Path) -> tuple[dict[str, LazyTensor], list[Path]]:
         SAFETENSORS_INDEX if files[0].suffix == ".safetensors" else TORCH_INDEX
     )
     if Path(src).is_dir() and index.is_file():
-        for key, file in json.loads(index.read_text())["weight_map"].items():
+        for key, file in read_index(index, ConversionError).items():
             name = strip_prefixes(key)
-            if name not in tensors or Path(tensors[name].file).name != file:
-                raise ConversionError(f"{index}: names {name!r} in {file}, which lacks it")
+            if name not in tensors or Path(tensors[name].file) != file:
+                rel = file.relative_to(index.parent)
+                raise ConversionError(f"{index}: names {name!r} in {rel}, which lacks it")
     return tensors, files

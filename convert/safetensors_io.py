@@ -1,64 +1,32 @@
 """Safetensors files without the safetensors package: a lazy reader and a small writer.
 
-Layout: an 8-byte little-endian header length N, N bytes of JSON
-(`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`), then the data;
-offsets are relative to the end of the header.
+The layout and the checks of the header: `ham_mlx.safetensors_header`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
 from ham_mlx.convert.tensors import DTYPES, ConversionError, LazyTensor
-
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from ham_mlx.safetensors_header import read_header
 
 
 def read_safetensors(path: str | Path) -> dict[str, LazyTensor]:
-    """Every tensor of a safetensors file, read lazily (memory-mapped on first use)."""
+    """Every tensor of a safetensors file, read lazily (memory-mapped on first use). The header
+    is checked first (`ham_mlx.safetensors_header`): tensors that overlap, leave gaps or have
+    shapes that are not non-negative integers are refused."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConversionError(f"{path}: not a safetensors file (only {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ConversionError(
-                f"{path}: not a safetensors file, or truncated (header of {n} bytes in a file "
-                f"of {size})"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ConversionError(f"{path}: not a safetensors file (bad header: {e!r})") from None
-    if not isinstance(header, dict):
-        raise ConversionError(f"{path}: not a safetensors file (header is not an object)")
-    start = 8 + n
+    entries, _ = read_header(path, ConversionError)
     tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: bad header entry for tensor {name!r}") from None
-        t = LazyTensor(str(path), name, dtype, shape, read=lambda: None)  # type: ignore[arg-type]
-        if dtype in DTYPES:
-            numel = int(np.prod(shape, dtype=np.int64))
-            if end - begin != numel * DTYPES[dtype][0].itemsize or begin < 0:
-                raise ConversionError(f"{t.where}: {end - begin} bytes for shape {shape} {dtype}")
-            if start + end > size:
-                raise ConversionError(
-                    f"{t.where}: data ends at byte {start + end} but the file has {size} bytes "
-                    "(truncated?)"
-                )
-            t.read = _reader(path, DTYPES[dtype][0], start + begin, numel)
+    for name, e in entries.items():
+        t = LazyTensor(str(path), name, e.dtype, e.shape, read=lambda: None)  # type: ignore[arg-type]
+        if e.dtype in DTYPES:
+            t.read = _reader(path, DTYPES[e.dtype][0], e.begin, math.prod(e.shape))
         tensors[name] = t
     return tensors
 

@@ -8,14 +8,22 @@ rebuild functions, storage classes and dtypes) to harmless stand-ins defined her
 global (`os.system`, `builtins.eval`, ...) stops the read with an error before it can be called.
 Tensors come back as `LazyTensor`s; a storage's bytes are memory-mapped only when a tensor is
 loaded.
+
+Bounds against hostile files: a view must fit in its storage and hold no more elements than the
+storage (a stride-0 view of one float cannot stand for gigabytes); a compressed storage is
+inflated only over the view's span; dict keys must be plain values (hashing a shared tuple can
+cost 2**60); and turning the unpickled object into named tensors has a work budget proportional to
+the pickle's size, since shared references can make a few hundred bytes stand for 2**60 objects.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +56,15 @@ OTHER_DTYPES = (
     "qint8", "qint32", "quint8", "quint4x2", "quint2x4", "bits8", "bits16",
 )  # fmt: skip
 MAX_PICKLE_BYTES = 1024**3
+# A view of a compressed storage may span this many bytes more than it holds (it is inflated
+# whole); a sparser one is refused.
+SPARSE_SLACK = 1 << 20
+# Work allowed to turn the unpickled object into named tensors (objects visited plus characters
+# of the names built): a checkpoint without shared references needs less than its pickle's size.
+WRAP_BUDGET_PER_BYTE, WRAP_BUDGET = 16, 10_000_000
+# Types allowed as dict keys and set items: hashing them costs their own size (hashing a tuple
+# hashes what it holds, and a pickle can share one tuple 2**60 times within a few hundred bytes).
+FLAT_KEYS = (str, int, float, bool, bytes, type(None))
 HINT = (
     "only tensors, dicts, lists and plain values can be read; save just the weights with "
     "torch.save(model.state_dict(), path) or as safetensors"
@@ -87,12 +104,17 @@ class TensorRef:
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None):
     if not isinstance(storage, Storage):
         raise pickle.UnpicklingError("a tensor whose storage is not a storage record")
-    return TensorRef(storage, int(offset), tuple(size), tuple(stride), storage.dtype)
+    ints = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else ()
+    if not ints or not all(type(x) is int for x in ints):
+        raise pickle.UnpicklingError("a tensor whose offset, size or stride is not integers")
+    return TensorRef(storage, offset, size, stride, storage.dtype)
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
     t = _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks)
-    t.dtype = dtype.dtype if isinstance(dtype, DType) else str(dtype)
+    if not isinstance(dtype, DType):
+        raise pickle.UnpicklingError(f"a tensor whose dtype is a {type(dtype).__name__}")
+    t.dtype = dtype.dtype
     return t
 
 
@@ -100,8 +122,14 @@ def _rebuild_parameter(data, requires_grad, hooks, state=None):
     return data
 
 
+def _ordered_dict(*args):
+    if args:  # torch's pickles fill it by SETITEMS, where the keys are checked
+        raise pickle.UnpicklingError("an OrderedDict built from arguments")
+    return OrderedDict()
+
+
 ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
+    ("collections", "OrderedDict"): _ordered_dict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -146,6 +174,42 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def check_keys(self, keys) -> None:
+        bad = next((k for k in keys if not isinstance(k, FLAT_KEYS)
+                    or (isinstance(k, int) and k.bit_length() > 64)), None)  # fmt: skip
+        if bad is not None:
+            raise ConversionError(
+                f"{self.file}: refused: a dict key or set item that is a {type(bad).__name__} "
+                f"({HINT})"
+            )
+
+    # After a MARK, self.stack holds just the marked items (pickle's pop_mark).
+    def load_setitem(self) -> None:
+        self.check_keys(self.stack[-2:-1])
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        self.check_keys(self.stack[::2])
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        self.check_keys(self.stack[::2])
+        super().load_dict()
+
+    def load_additems(self) -> None:
+        self.check_keys(self.stack)
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        self.check_keys(self.stack)
+        super().load_frozenset()
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
     def persistent_load(self, pid: Any) -> Storage:
         if (
             not isinstance(pid, tuple)
@@ -155,7 +219,10 @@ class RestrictedUnpickler(pickle._Unpickler):
         ):
             raise ConversionError(f"{self.file}: refused: unknown persistent id {pid!r}")
         _, kind, key, _location, numel = pid
-        return Storage(str(key), kind.dtype, int(numel))
+        if not isinstance(key, str) or type(numel) is not int:
+            raise ConversionError(f"{self.file}: refused: a storage record whose key is not a "
+                                  "string or whose size is not an integer")  # fmt: skip
+        return Storage(key, kind.dtype, numel)
 
 
 def read_torch_zip(path: str | Path) -> dict[str, Any]:
@@ -186,13 +253,15 @@ def read_torch_zip(path: str | Path) -> dict[str, Any]:
     if infos[pkl[0]].file_size > MAX_PICKLE_BYTES:
         raise ConversionError(f"{path}: data.pkl is implausibly large")
     big_endian = False
-    if root + "byteorder" in infos:
-        big_endian = zf.read(root + "byteorder").strip() == b"big"
     try:
-        obj = RestrictedUnpickler(zf.read(pkl[0]), str(path)).load()
+        if root + "byteorder" in infos:
+            with zf.open(root + "byteorder") as f:  # a few bytes, however large it claims to be
+                big_endian = f.read(16).strip() == b"big"
+        data = zf.read(pkl[0])
+        obj = RestrictedUnpickler(data, str(path)).load()
     except ConversionError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
         raise ConversionError(f"{path}: corrupt or truncated ({e})") from e
     except RecursionError:
         raise ConversionError(f"{path}: the pickle is nested too deeply") from None
@@ -200,7 +269,7 @@ def read_torch_zip(path: str | Path) -> dict[str, Any]:
         raise ConversionError(f"{path}: cannot read the pickle ({type(e).__name__}: {e})") from e
     reader = _StorageReader(path, zf, infos, root, big_endian)
     try:
-        return _wrap(obj, "", reader)
+        return _wrap(obj, reader, WRAP_BUDGET_PER_BYTE * len(data) + WRAP_BUDGET)
     except RecursionError:
         raise ConversionError(f"{path}: the saved object is nested too deeply") from None
 
@@ -221,13 +290,27 @@ class _StorageReader:
             raise ConversionError(f"{where}: its storage {member!r} is missing from the archive")
         nbytes = info.file_size
         numel = nbytes // dtype.itemsize
+        dims = (*ref.shape, *ref.stride, ref.offset)
+        if not all(type(x) is int for x in dims) or len(ref.shape) != len(ref.stride):
+            raise ConversionError(
+                f"{where}: shape {ref.shape}, stride {ref.stride} and offset {ref.offset!r} must "
+                "be integers, one stride per dimension"
+            )
         if any(s < 0 for s in ref.stride) or ref.offset < 0 or any(d < 0 for d in ref.shape):
             raise ConversionError(f"{where}: negative size, stride or offset")
+        if any(d >= 2**31 for d in ref.shape):
+            raise ConversionError(f"{where}: shape {ref.shape} has a dimension of 2**31 or more")
+        size = math.prod(ref.shape)
         last = ref.offset + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
-        if all(ref.shape) and last >= numel:
+        if size and last >= numel:
             raise ConversionError(
                 f"{where}: the view (offset {ref.offset}, shape {ref.shape}, stride {ref.stride}) "
                 f"reaches element {last} of a storage of {numel} (truncated?)"
+            )
+        if size > numel:
+            raise ConversionError(
+                f"{where}: shape {ref.shape} has {size} elements, more than its storage's "
+                f"{numel} (a view that repeats elements, e.g. a stride of 0)"
             )
         data_start = None
         if info.compress_type == zipfile.ZIP_STORED:
@@ -239,20 +322,27 @@ class _StorageReader:
                 data_start = info.header_offset + 30 + name_len + extra_len
         if data_start is not None and data_start + nbytes > self.size:
             raise ConversionError(f"{where}: storage {member!r} is truncated")
+        span = last + 1 - ref.offset  # elements from the view's first to its last
+        if data_start is None and size and span > size + SPARSE_SLACK // dtype.itemsize:
+            raise ConversionError(
+                f"{where}: a view that spans {span} elements of a compressed storage for {size} "
+                "(only dense views of compressed storages are read; torch.save stores them "
+                "uncompressed)"
+            )
 
         def read() -> np.ndarray:
-            if not all(ref.shape):
+            if not size:
                 return np.zeros(0, dtype=dtype)
             if data_start is not None:
                 flat = np.memmap(self.path, dtype=dtype, mode="r", offset=data_start,
-                                 shape=(numel,))  # fmt: skip
-            else:
-                try:
-                    flat = np.frombuffer(self.zf.read(member), dtype=dtype, count=numel)
-                except (zipfile.BadZipFile, OSError, EOFError) as e:
-                    raise ConversionError(f"{where}: cannot read storage {member!r} ({e})") from e
+                                 shape=(last + 1,))  # fmt: skip
+                flat = flat[ref.offset :]
+            else:  # compressed: inflate the view's span only, skipping what comes before
+                item = dtype.itemsize
+                flat = np.frombuffer(self.inflate(member, ref.offset * item, span * item, where),
+                                     dtype=dtype)  # fmt: skip
             view = np.lib.stride_tricks.as_strided(
-                flat[ref.offset :], shape=ref.shape,
+                flat, shape=ref.shape,
                 strides=tuple(s * dtype.itemsize for s in ref.stride), writeable=False,
             )  # fmt: skip
             out = np.ascontiguousarray(view).reshape(-1)
@@ -260,20 +350,48 @@ class _StorageReader:
 
         return read
 
+    def inflate(self, member: str, start: int, nbytes: int, where: str) -> bytes:
+        """Bytes start .. start + nbytes of a compressed member, decompressing no further (the
+        bytes before `start` are decompressed in chunks and dropped)."""
+        try:
+            with self.zf.open(member) as f:
+                f.seek(start)
+                data = f.read(nbytes)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise ConversionError(f"{where}: cannot read storage {member!r} ({e})") from e
+        if len(data) != nbytes:
+            raise ConversionError(f"{where}: storage {member!r} is truncated")
+        return data
 
-def _wrap(obj: Any, name: str, reader: _StorageReader) -> Any:
-    """Replace TensorRefs by LazyTensors (named by their path), recursively."""
-    if isinstance(obj, TensorRef):
-        dtype = obj.dtype
-        t = LazyTensor(str(reader.path), name, dtype, obj.shape, read=lambda: None)  # type: ignore[arg-type]
-        if dtype in DTYPES:
-            t.read = reader.reader(obj, name)
-        return t
-    if isinstance(obj, dict):
-        return {k: _wrap(v, f"{name}.{k}" if name else str(k), reader) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_wrap(v, f"{name}.{i}" if name else str(i), reader)
-                         for i, v in enumerate(obj))  # fmt: skip
-    if isinstance(obj, (Storage, StorageType, DType)):
-        raise ConversionError(f"{reader.path}: {name!r} is a bare storage or dtype, not a tensor")
-    return obj
+
+def _wrap(obj: Any, reader: _StorageReader, budget: int) -> Any:
+    """Replace TensorRefs by LazyTensors (named by their path). An object that the pickle shares
+    is visited once per reference, so the work (objects visited plus name characters built) is
+    capped at `budget`: a few hundred bytes of memo references could otherwise stand for 2**60."""
+    left = budget
+
+    def wrap(obj: Any, name: str) -> Any:
+        nonlocal left
+        left -= 1 + len(name)
+        if left < 0:
+            raise ConversionError(
+                f"{reader.path}: the pickle's shared references expand to more than {budget} "
+                "objects and name characters; not a plain checkpoint"
+            )
+        if isinstance(obj, TensorRef):
+            dtype = obj.dtype
+            t = LazyTensor(str(reader.path), name, dtype, obj.shape, read=lambda: None)  # type: ignore[arg-type]
+            if dtype in DTYPES:
+                t.read = reader.reader(obj, name)
+            return t
+        if isinstance(obj, dict):
+            return {k: wrap(v, f"{name}.{k}" if name else str(k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(wrap(v, f"{name}.{i}" if name else str(i))
+                             for i, v in enumerate(obj))  # fmt: skip
+        if isinstance(obj, (Storage, StorageType, DType)):
+            raise ConversionError(f"{reader.path}: {name!r} is a bare storage or dtype, not a "
+                                  "tensor")  # fmt: skip
+        return obj
+
+    return wrap(obj, "")

@@ -35,7 +35,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ham_mlx.config import ModelArgs
-from ham_mlx.generate import GenerationResponse, collect, prompt_ids, stream_responses
+from ham_mlx.generate import (
+    GenerationResponse,
+    check_seed,
+    collect,
+    prompt_ids,
+    stream_responses,
+)
 from ham_mlx.routers import get_router
 from ham_mlx.sample import make_logits_processors, make_sampler
 from ham_mlx.tokenizer import Tokenizer
@@ -461,6 +467,7 @@ def stream_generate(
             f"+ {len(ids)} prompt + {max_tokens} new tokens) in attention layer {st.io.index}: "
             f"pass capacity >= {room}"
         )
+    check_seed(seed)
     if seed is not None:
         mx.random.seed(seed)
     sampler = make_sampler(temperature, top_p, top_k, min_p)

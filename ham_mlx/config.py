@@ -8,6 +8,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ham_mlx.config_values import INTS, check_values
 from ham_mlx.routers import DEFAULT_ROUTER, ROUTERS, get_router
 
 LAYER_TYPES = ("ham", "gdn", "attn")
@@ -20,6 +21,8 @@ ATTN_DEFAULTS = {
     "window_size": None,
     "rope_theta": 10000.0,
 }
+# attn.output_gate: none, or a sigmoid gate read from q_proj beside each query head (spec §5).
+ATTN_OUTPUT_GATES = (None, "sigmoid")
 # Fields of FLA configs that do not change the math of a forward pass.
 IGNORED_FLA_FIELDS = {
     "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "use_l2warp",
@@ -79,6 +82,8 @@ class ModelArgs:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        check_values({f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                     ConfigError)  # fmt: skip
         if self.num_v_heads is None:
             self.num_v_heads = self.num_heads
         if self.attn is not None:
@@ -191,8 +196,8 @@ class ModelArgs:
             v = getattr(self, key)
             if v is not None and not 0 <= v < self.vocab_size:
                 fail(key, f"must lie in [0, vocab_size={self.vocab_size})")
-        if self.intermediate_size <= 0:
-            fail("intermediate_size", "must be a positive integer")
+        if not 0 < self.intermediate_size <= INTS["intermediate_size"][1]:
+            fail("intermediate_size", f"must be an integer in [1, {INTS['intermediate_size'][1]}]")
         q = self.quantization
         if q is not None and (
             not isinstance(q, dict)
@@ -209,14 +214,30 @@ class ModelArgs:
         if not attn or "num_heads" not in attn:
             raise ConfigError("config: layer_types has 'attn' layers but attn.num_heads is not set")
         heads, kv_heads = attn["num_heads"], attn["num_kv_heads"]
-        if self.hidden_size % heads:
+        hd = attn.get("head_dim")
+        if hd is None and self.hidden_size % heads:
             raise ConfigError(f"config: attn.num_heads={heads} must divide hidden_size")
+        if hd is not None and (not isinstance(hd, int) or hd <= 0 or hd % 2):
+            raise ConfigError(f"config: attn.head_dim={hd!r} must be a positive even integer")
         if heads % kv_heads:
             raise ConfigError(f"config: attn.num_kv_heads={kv_heads} must divide attn.num_heads")
         if attn["qkv_bias"]:
             raise ConfigError("config: attn.qkv_bias=True is not supported")
-        if attn.get("qk_norm"):
-            raise ConfigError("config: attn.qk_norm=True is not supported")
+        if attn.get("qk_norm") not in (None, False, True):
+            raise ConfigError(f"config: attn.qk_norm={attn['qk_norm']!r} must be true or false")
+        if attn.get("output_gate") not in ATTN_OUTPUT_GATES:
+            raise ConfigError(
+                f"config: attn.output_gate={attn['output_gate']!r}: expected one of "
+                f"{ATTN_OUTPUT_GATES}"
+            )
+        f = attn.get("partial_rotary_factor", 1.0)
+        ok = isinstance(f, (int, float)) and 0 < f <= 1
+        rotary = int((hd or self.hidden_size // heads) * f) if ok else 0
+        if rotary == 0 or (f != 1.0 and rotary % 2):
+            raise ConfigError(
+                f"config: attn.partial_rotary_factor={f!r} must lie in (0, 1] and give an even "
+                "number of rotated dimensions"
+            )
         w = attn["window_size"]
         if w is not None and (not isinstance(w, int) or w < 1):
             raise ConfigError(f"config: attn.window_size={w!r} must be a positive integer or null")
@@ -241,13 +262,17 @@ def config_fields(params: dict[str, Any], source: str | None = None) -> dict[str
     out = {k: v for k, v in params.items() if k != MIXER_TYPES_KEY}
     old = out.pop(OLD_MIXER_TYPES_KEY, None)
     mixers = params[MIXER_TYPES_KEY]
-    if old is not None and list(old) != list(mixers or []):
+    if old is not None and _as_list(old) != _as_list(mixers or []):
         raise ConfigError(
             f"config: {OLD_MIXER_TYPES_KEY}={old!r} disagrees with {MIXER_TYPES_KEY}={mixers!r} "
             f"(the old key; remove it)"
         )
     out[OLD_MIXER_TYPES_KEY] = mixers
     return out
+
+
+def _as_list(v: Any) -> Any:
+    return list(v) if isinstance(v, (list, tuple)) else v
 
 
 _warned: set[str] = set()

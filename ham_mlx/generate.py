@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ham_mlx.cache import kv_stats
 from ham_mlx.model import Model
@@ -89,14 +90,62 @@ def generate_step(
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab_size: int) -> list[int]:
-    """The prompt as token ids; an empty prompt or an out-of-range id is refused."""
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids or (isinstance(prompt, str) and not prompt):
+    """The prompt as token ids: text (valid Unicode) or a sequence of integer ids in
+    [0, vocab_size); anything else is refused with a ValueError naming the value."""
+    if isinstance(prompt, str):
+        check_text(prompt)
+        ids = tokenizer.encode(prompt) if prompt else []
+    else:
+        ids = token_ids(prompt, vocab_size)
+    if not ids:
         raise ValueError("the prompt is empty: give at least one token of text")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt token id {bad[0]} is out of range [0, {vocab_size})")
     return ids
+
+
+def check_text(text: str) -> None:
+    """Text that can be encoded: no lone surrogates (what undecodable bytes become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"the prompt is not valid Unicode: {text[e.start]!r} at character {e.start} is a "
+            "lone surrogate (undecodable input?)"
+        ) from None
+
+
+def token_ids(prompt: object, vocab_size: int) -> list[int]:
+    """A sequence of token ids (a list, tuple, or 1-d integer array) as a list of ints."""
+    if isinstance(prompt, (bytes, bytearray, memoryview)):
+        raise ValueError(
+            f"the prompt is {type(prompt).__name__}: give text (str; decode it first) or a "
+            "sequence of token ids"
+        )
+    if isinstance(prompt, (mx.array, np.ndarray)):
+        integer = (mx.issubdtype(prompt.dtype, mx.integer) if isinstance(prompt, mx.array)
+                   else np.issubdtype(prompt.dtype, np.integer))  # fmt: skip
+        if prompt.ndim != 1 or not integer:
+            raise ValueError(f"prompt token ids: a {prompt.ndim}-d {prompt.dtype} array; give a "
+                             "1-d integer array")  # fmt: skip
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise ValueError(f"the prompt is a {type(prompt).__name__}: give text (str) or a "
+                         "sequence of token ids")  # fmt: skip
+    ids = []
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"prompt token {i} is {t!r}, not an integer token id")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt token id {t} is out of range [0, {vocab_size})")
+        ids.append(int(t))
+    return ids
+
+
+def check_seed(seed: object) -> None:
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+        or not 0 <= seed < 2**64
+    ):  # fmt: skip
+        raise ValueError(f"seed={seed!r}: must be an integer in [0, 2**64)")
 
 
 def stream_responses(
@@ -182,10 +231,11 @@ def stream_generate(
     "reject" refuses new tokens once full).
     """
     ids = prompt_ids(tokenizer, prompt, model.args.vocab_size)
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens={max_tokens} must be >= 0")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 0")
+    check_seed(seed)
     if seed is not None:
-        mx.random.seed(seed)
+        mx.random.seed(int(seed))
     sampler = make_sampler(temperature, top_p, top_k, min_p)
     processors = make_logits_processors(repetition_penalty, repetition_context_size)
     cache = prompt_cache

@@ -23,9 +23,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ham_mlx.config import ModelArgs, config_fields
+from ham_mlx.folder_files import read_index
 from ham_mlx.hf_tokenizer import CHAT_TEMPLATE, write_hf_tokenizer
+from ham_mlx.json_tokenizer import JsonTokenizer
 from ham_mlx.model import Model
-from ham_mlx.tokenizer import Tokenizer
+from ham_mlx.safetensors_header import read_header
+from ham_mlx.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -41,6 +44,7 @@ MODEL_FILE_SOURCE = '''"""mlx-lm's `model_file` for this model folder (config.js
 from ham_mlx.mlx_lm_model import Model, ModelArgs  # noqa: F401
 '''
 MAX_SHARD_BYTES = 2 * 1024**3
+FLOAT_WEIGHTS = (mx.float32, mx.float16, mx.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -53,8 +57,8 @@ def read_config(path: str | Path) -> ModelArgs:
         raise CheckpointError(f"{file}: not found (is {path} a model folder?)")
     try:
         params = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file}: invalid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(params, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     try:
@@ -111,29 +115,43 @@ def update_folder(path: str | Path) -> list[str]:
 
 
 def read_weights(path: str | Path) -> dict[str, mx.array]:
-    """All tensors of a folder's `model.safetensors` or of the shards its index names."""
+    """All tensors of a folder's `model.safetensors` or of the shards its index names (files
+    inside the folder only, `ham_mlx.folder_files`); each file's header is checked before MLX
+    reads it (`ham_mlx.safetensors_header`)."""
     path = Path(path)
     index = path / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(read_index(index, CheckpointError).values()))
     elif (path / WEIGHTS).is_file():
-        files = [WEIGHTS]
+        files = [path / WEIGHTS]
     else:
         raise CheckpointError(f"{path}: no {WEIGHTS} or {INDEX}")
     weights: dict[str, mx.array] = {}
-    for name in files:
-        file = path / name
+    for file in files:
         if not file.is_file():
             raise CheckpointError(f"{file}: shard named by {INDEX} is missing")
+        read_header(file, CheckpointError)
         try:
             weights.update(mx.load(str(file)))
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{file}: cannot read safetensors ({e})") from e
     return weights
+
+
+def check_dtypes(weights: dict[str, mx.array], quantized: bool, source: str) -> None:
+    """Weights are floating point (float32, float16, bfloat16); in a quantized model the packed
+    `.weight` of a layer with `.scales` is uint32."""
+    for key, w in weights.items():
+        if w.dtype in FLOAT_WEIGHTS:
+            continue
+        packed = key.endswith(".weight") and key.removesuffix("weight") + "scales" in weights
+        if quantized and packed and w.dtype == mx.uint32:
+            continue
+        raise CheckpointError(
+            f"{source}: weight {key!r} is {w.dtype}; weights must be floating point (float32, "
+            "float16 or bfloat16)" + ("" if quantized else ", or quantized with a config entry "
+                                      "`quantization`")
+        )  # fmt: skip
 
 
 def check_weights(model: Model, weights: dict[str, mx.array], source: str) -> None:
@@ -157,6 +175,7 @@ def load_model(path: str | Path) -> Model:
     args = read_config(path)
     model = Model(args)
     weights = model.sanitize(read_weights(path))
+    check_dtypes(weights, args.quantization is not None, str(path))
     if args.quantization is not None:  # quantize the skeleton where the file has scales
         q = args.quantization
         nn.quantize(model, q["group_size"], q["bits"],
@@ -172,23 +191,24 @@ def default_model_path() -> Path:
     return Path(__file__).parent / "assets" / "default-model"
 
 
-def load(path: str | Path | None = None) -> tuple[Model, Tokenizer]:
-    """Load a model folder: (model, tokenizer). No path: the bundled default model."""
+def load(path: str | Path | None = None) -> tuple[Model, Tokenizer | JsonTokenizer]:
+    """Load a model folder: (model, tokenizer). No path: the bundled default model. The tokenizer
+    is the folder's SentencePiece `tokenizer.model`, else its `tokenizer.json`."""
     if path is None:
         path = default_model_path()
         if not (path / "config.json").is_file():
             raise CheckpointError(f"no model given and no default model is bundled at {path}")
     model = load_model(path)
-    tok_file = Path(path) / TOKENIZER
-    if not tok_file.is_file():
+    try:
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError:
         raise CheckpointError(
-            f"{tok_file}: not found; a model folder needs its tokenizer (folders that mlx-lm "
-            "saved lack it: copy it from the source folder; load_model reads the model alone)"
-        )
-    tokenizer = Tokenizer.from_file(tok_file)
+            f"{Path(path)}: no {TOKENIZER} and no tokenizer.json; a model folder needs its "
+            "tokenizer (load_model reads the model alone)"
+        ) from None
     if tokenizer.vocab_size > model.args.vocab_size:
         raise CheckpointError(
-            f"{tok_file}: {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{tokenizer.source}: {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{model.args.vocab_size}"
         )
     return model, tokenizer
