@@ -15,7 +15,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict
 
 from ham_mlx.generate import prompt_ids
 from ham_mlx.model import per_layer
@@ -32,7 +31,7 @@ from ham_mlx.serve.engine import (
 )
 from ham_mlx.serve.errors import APIError, error_body, install_error_handlers
 from ham_mlx.serve.request_log import RequestLog
-from ham_mlx.serve.schemas import ChatRequest, CompletionRequest, GenerationRequest
+from ham_mlx.serve.schemas import Body, ChatRequest, CompletionRequest, GenerationRequest
 from ham_mlx.serve.tokens import TokenTexts, tokenize
 
 log = logging.getLogger("ham_mlx.serve")
@@ -134,8 +133,21 @@ def total_usage(usages: list[dict]) -> dict:
     return out
 
 
+async def cancel_on_disconnect(request: Request, jobs: list[Job], every: float = 0.25) -> None:
+    """Cancel the jobs when the client hangs up before its (non-streamed) answer is ready."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    for job in jobs:
+        job.pieces.put_nowait((job.index, ClientGone()))
+        job.cancel()
+
+
 def sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected; nobody reads the answer."""
 
 
 def failure(e: Exception) -> APIError:
@@ -144,20 +156,18 @@ def failure(e: Exception) -> APIError:
         return APIError(503, str(e), code="queue_full")
     if isinstance(e, ShuttingDown):
         return APIError(503, str(e), code="shutting_down")
+    if isinstance(e, ClientGone):  # nobody reads it; the request log shows it
+        return APIError(499, "the client disconnected", code="client_closed_request")
     return APIError(500, f"generation failed: {type(e).__name__}: {e}")
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(Body):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(Body):
     model: str | None = None
     tokens: list[int]
 
@@ -168,6 +178,7 @@ def create_app(
     template: ChatTemplate,
     max_tokens_limit: int = 4096,
     default_max_tokens: int = 256,
+    max_prompt_tokens: int = 32768,
 ) -> FastAPI:
     """The server's app; it starts the engine's worker on startup and stops it on shutdown."""
     created = int(time.time())
@@ -180,8 +191,9 @@ def create_app(
         engine.start()
         yield
         engine.close()
-        await asyncio.to_thread(engine.join)  # the loop goes on: handlers can still answer
-        log.info("generation worker stopped")
+        await asyncio.to_thread(engine.join, 2.0)  # the loop goes on: handlers can answer
+        if not engine.busy:
+            log.info("generation worker stopped")
 
     app = FastAPI(title="ham-mlx", lifespan=lifespan)
     install_error_handlers(app)
@@ -194,9 +206,14 @@ def create_app(
 
     def encode(prompt: str | list[int], param: str) -> list[int]:
         try:
-            return prompt_ids(tokenizer, prompt, vocab_size)
+            ids = prompt_ids(tokenizer, prompt, vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), param) from None
+        if len(ids) > max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's "
+                           f"limit of {max_prompt_tokens} (--max-prompt-tokens)", param,
+                           "context_length_exceeded")  # fmt: skip
+        return ids
 
     def options(
         body: GenerationRequest, max_tokens: int | None, param: str, logprobs: int | None,
@@ -236,12 +253,14 @@ def create_app(
             return StreamingResponse(events(request, reply, jobs, usage),
                                      media_type="text/event-stream")  # fmt: skip
         pieces: dict[int, list[Piece]] = {j.index: [] for j in jobs}
+        watch = asyncio.create_task(cancel_on_disconnect(request, jobs))
         try:
             async for index, piece in merged(jobs):
                 pieces[index].append(piece)
         except Exception as e:
             raise failure(e) from e
         finally:
+            watch.cancel()
             for job in jobs:  # no-op when finished; stops the worker if this handler was cancelled
                 job.cancel()
         choices = []
@@ -304,7 +323,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        prompts = [encode(p, "prompt") for p in body.prompt]
+        prompts = [await asyncio.to_thread(encode, p, "prompt") for p in body.prompt]
         opts = options(body, body.max_tokens, "max_tokens", body.logprobs, body.echo)
         queue: asyncio.Queue = asyncio.Queue()
         jobs = [Job(p, opts, body.stop, index=i, pieces=queue) for i, p in enumerate(prompts)]
@@ -328,8 +347,8 @@ def create_app(
         if max_tokens is None:
             max_tokens, param = body.max_tokens, "max_tokens"
         k = (body.top_logprobs or 0) if body.logprobs else None
-        job = Job(encode(text, "messages"), options(body, max_tokens, param, k),
-                  body.stop + template.stop)  # fmt: skip
+        prompt = await asyncio.to_thread(encode, text, "messages")  # long text: off the loop
+        job = Job(prompt, options(body, max_tokens, param, k), body.stop + template.stop)
         logprobs = None if k is None else [Logprobs(engine.texts, True, tokenizer.eos_id)]
         return await answer(request, Reply(model_id, True, logprobs), [job], body)
 

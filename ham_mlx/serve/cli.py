@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,9 +57,11 @@ diverge) is kept, up to --prefix-cache-mb, and a later prompt that begins with t
 starts from it (requests with kv_budget, or max_kv_tokens with "evict", do not take part: their
 output would depend on it). The output is the same with or without it.
 
-Errors are OpenAI-shaped JSON ({"error": {"message", "type", "param", "code"}}). SIGTERM or
-Ctrl-C stop the server at once: running and queued requests end with a 503 error, and the
-process exits 0.
+Errors are OpenAI-shaped JSON ({"error": {"message", "type", "param", "code"}}): a prompt longer
+than --max-prompt-tokens, text that is not valid Unicode, more than 4 stop strings or one longer
+than 1024 characters get a 400. A client that hangs up ends its request (streamed or not).
+SIGTERM or Ctrl-C stop the server at once: running and queued requests end with a 503 error,
+and the process exits 0.
 
 examples:
   ham-mlx serve
@@ -70,6 +73,7 @@ examples:
 """
 
 log = logging.getLogger("ham_mlx.serve")
+MAX_PROMPT_TOKENS = 32768
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -84,9 +88,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from ham_mlx.serve.chat import load_chat_template
     from ham_mlx.serve.engine import Engine
 
-    if min(a.max_tokens_limit, a.default_max_tokens, a.max_batch, a.prefill_step_size) < 1:
+    if min(a.max_tokens_limit, a.default_max_tokens, a.max_batch, a.prefill_step_size,
+           a.max_prompt_tokens) < 1:  # fmt: skip
         raise ValueError("--max-tokens-limit, --default-max-tokens, --max-batch, "
-                         "--prefill-step-size: >= 1")  # fmt: skip
+                         "--prefill-step-size, --max-prompt-tokens: >= 1")  # fmt: skip
     if a.max_queue < 0 or a.prefix_cache_mb < 0:
         raise ValueError("--max-queue, --prefix-cache-mb: >= 0")
     handler = logging.StreamHandler(sys.stderr)
@@ -106,14 +111,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
     app = create_app(
         engine, model_id, template,
         max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
+        max_prompt_tokens=a.max_prompt_tokens,
     )  # fmt: skip
     log.info(
         "serving '%s' (%s); chat template: %s; batch: up to %d requests; prefix reuse: %g MiB",
         model_id, folder, template.source, a.max_batch, a.prefix_cache_mb,
     )  # fmt: skip
     started = run(app, engine, a.host, a.port)
+    code = 0 if started else 1
+    if engine.busy:  # inside one long model call: every request has been answered; don't wait
+        log.info("stopped (the generation worker was still in a model call)")
+        sys.stderr.flush()
+        os._exit(code)
     log.info("stopped")
-    return 0 if started else 1
+    return code
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -139,6 +150,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=0,
                    help="requests that may wait for a place in the batch; more get 503 "
                    "(0: no limit)")  # fmt: skip
+    s.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help="longest prompt, in tokens; longer ones get a 400 "
+                   f"({MAX_PROMPT_TOKENS})")  # fmt: skip
     s.add_argument("--prefill-step-size", type=int, default=512,
                    help="prompt tokens read per model call (512)")  # fmt: skip
     s.add_argument("--prefix-cache-mb", type=float, default=256,

@@ -126,6 +126,7 @@ class Job:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False  # its last piece (or an exception) has been emitted
 
     def cancel(self) -> None:
         """Stop the job (nobody reads it any more); harmless once it has finished."""
@@ -133,6 +134,8 @@ class Job:
 
     def emit(self, item: Piece | Exception) -> None:
         """Hand a piece (or the generation's exception) to the loop; called by the worker."""
+        if isinstance(item, Exception) or item.finish_reason is not None:
+            self.ended = True
         try:
             self.loop.call_soon_threadsafe(self.pieces.put_nowait, (self.index, item))
         except RuntimeError:  # the loop is closed: nobody is listening
@@ -279,6 +282,7 @@ class Engine:
         self.prefix = PrefixCache(prefix_cache_bytes)
         self.n_ham = len(model.ham_layers)
         self._inbox: deque[Job] = deque()
+        self._open: list[Job] = []  # submitted and not ended: what `close` answers at once
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -304,9 +308,20 @@ class Engine:
         self._thread.start()
 
     def close(self) -> None:
-        """End the running and the queued jobs now (with ShuttingDown), then the worker."""
+        """End the running and the queued jobs now (with ShuttingDown), then the worker. Their
+        handlers are answered at once, even while the worker is inside a long model call."""
         self._closing.set()
         self._wake.set()
+        with self._lock:
+            jobs, self._open = self._open, []
+        for job in jobs:
+            if not job.ended:
+                job.emit(ShuttingDown("the server is shutting down"))
+
+    @property
+    def busy(self) -> bool:
+        """Whether the worker thread is still running."""
+        return self._thread.is_alive()
 
     def join(self, timeout: float = 10.0) -> None:
         """Wait for the worker to end (after `close`)."""
@@ -322,6 +337,7 @@ class Engine:
             if self.max_queue and len(self._inbox) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
             self._inbox.extend(jobs)
+            self._open = [j for j in self._open if not (j.ended or j.cancelled.is_set())] + jobs
         self._wake.set()
 
     def _check_closing(self) -> None:

@@ -38,6 +38,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     loc = list(err["loc"])[1:] if err["loc"][:1] == ("body",) else list(err["loc"])
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    if not param and err["type"] == "value_error":  # a check of the whole body
+        return APIError(400, message)
     if not param:
         return APIError(400, f"the body must be a JSON object ({message})")
     return APIError(400, f"{param}: {message}", param)

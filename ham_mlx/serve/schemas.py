@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def per_layer_numbers(value: Any, ok: Callable[[float], bool], expected: str) -> Any:
@@ -25,13 +25,49 @@ def per_layer_numbers(value: Any, ok: Callable[[float], bool], expected: str) ->
     return value
 
 
+MAX_STOP_CHARS = 1024
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The place (`messages[0].content`) of the first string in a JSON value that is not valid
+    Unicode (a lone surrogate, which JSON's \\ud800 escapes can spell); None: there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()  # fmt: skip
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+        if isinstance(key, str) and lone_surrogate(key) is not None:
+            return path or "body"
+        if (found := lone_surrogate(item, where)) is not None:
+            return found
+    return None
+
+
+class Body(BaseModel):
+    """A request body: unknown fields are ignored; text must be valid Unicode."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, value: Any) -> Any:
+        if (where := lone_surrogate(value)) is not None:
+            raise ValueError(f"{where}: the text is not valid Unicode (a lone surrogate)")
+        return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False  # a last chunk with the usage and no choices
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(Body):
     """The fields shared by /v1/completions and /v1/chat/completions."""
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -64,6 +100,8 @@ class GenerationRequest(BaseModel):
             raise ValueError("must be a string or a list of up to 4 strings")
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError("must hold non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have up to {MAX_STOP_CHARS} characters")
         return stops
 
     @field_validator("threshold", mode="before")

@@ -1,37 +1,27 @@
 """Tokens as the API shows them: each token's text and bytes (logprobs), and the /tokenize rules.
 
-A SentencePiece piece is shown as its text with `▁` as a space (`"▁To"` → `" To"`), a byte-fallback
-piece (`<0xE4>`) as that byte, and a control piece (`<s>`, `</s>`) as its name. A token whose
-bytes are not valid UTF-8 on their own is written as OpenAI does: `"bytes:\\xe4"`.
+A token is shown as the text of its bytes (the tokenizer's `token_bytes`): a SentencePiece piece
+with `▁` as a space (`"▁To"` → `" To"`), a byte-fallback piece (`<0xE4>`) as that byte, a
+byte-level BPE token as the bytes its characters stand for, a special token as its name. A token
+whose bytes are not valid UTF-8 on their own is written as OpenAI does: `"bytes:\\xe4"`.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from ham_mlx.json_tokenizer import JsonTokenizer
 from ham_mlx.tokenizer import Tokenizer
 
 
 class TokenTexts:
     """Text and bytes of single tokens of a tokenizer (cached per id)."""
 
-    def __init__(self, tokenizer: Tokenizer):
-        # ham_mlx.tokenizer.Tokenizer has no public per-piece API yet: read its SentencePiece.
-        self._sp = tokenizer._sp
+    def __init__(self, tokenizer: Tokenizer | JsonTokenizer):
         self.vocab_size = tokenizer.vocab_size
-        self.bytes = lru_cache(maxsize=None)(self._bytes)
+        self.bytes = lru_cache(maxsize=None)(tokenizer.token_bytes)
         self.text = lru_cache(maxsize=None)(self._text)
-        self.specials = {
-            self._sp.id_to_piece(i): i for i in range(self.vocab_size) if self._sp.is_control(i)
-        }
-
-    def _bytes(self, token: int) -> bytes:
-        if not 0 <= token < self.vocab_size:
-            return b""
-        piece = self._sp.id_to_piece(token)
-        if self._sp.is_byte(token):
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode("utf-8")
+        self.specials = tokenizer.special_tokens
 
     def _text(self, token: int) -> str:
         data = self.bytes(token)

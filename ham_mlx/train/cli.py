@@ -16,6 +16,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.steps = a.steps
     if a.out_dir is not None:
         cfg.out_dir = a.out_dir
+    cfg.validate()  # again, with the overrides
     trainer = Trainer(cfg)
     result = trainer.fit(resume=a.resume)
     if trainer.rank == 0:
@@ -68,7 +69,9 @@ def add_parsers(sub) -> None:
         "launched with `mlx.launch -n N ham-mlx train ...`.",
     )  # fmt: skip
     t.add_argument("--config", required=True, help="YAML or JSON training config")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint (broken ones are named "
+                   "and skipped)")  # fmt: skip
     t.add_argument("--steps", type=int_at_least(1), default=None,
                    help="override the config's steps")  # fmt: skip
     t.add_argument("--out-dir", default=None, help="override the config's out_dir")

@@ -4,7 +4,8 @@ data parallelism over `mx.distributed`, threshold control, evaluation, exact che
 from __future__ import annotations
 
 import json
-import shutil
+import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ from ham_mlx.model import Model
 from ham_mlx.model_io import load_model, save_model
 from ham_mlx.presets import PRESETS, preset_args
 from ham_mlx.tokenizer import Tokenizer
+from ham_mlx.train import checkpoints
 from ham_mlx.train.config import TrainConfig
 from ham_mlx.train.data import Batches
-from ham_mlx.train.thresholds import kept_fraction, update_thresholds
+from ham_mlx.train.progress import StepClock, duration
+from ham_mlx.train.thresholds import controller_rate, kept_fraction, update_thresholds
 
 
 def build_model(spec: dict[str, Any], vocab_size: int) -> Model:
@@ -100,7 +103,7 @@ class Trainer:
             (loss, scores), grads = value_and_grad(model, x, y, mask)
             return loss, grads, scores
 
-        def apply(grads, scores):
+        def apply(grads, scores, rate):
             if self.world > 1:
                 grads = tree_map(lambda g: mx.distributed.all_sum(g) / self.world, grads)
                 scores = [mx.distributed.all_gather(s) for s in scores]
@@ -108,7 +111,7 @@ class Trainer:
             opt.update(model, grads)
             fractions = [kept_fraction(s, m.threshold) for s, m in zip(scores, self.ham)]
             if self.targets is not None:
-                update_thresholds(self.ham, scores, self.targets, cfg.threshold_rate)
+                update_thresholds(self.ham, scores, self.targets, rate)
             return norm, fractions
 
         state = [model.state, opt.state]
@@ -143,7 +146,8 @@ class Trainer:
         if cfg.grad_accum > 1:
             total = tree_map(lambda g: g / cfg.grad_accum, total)
         scores = [mx.concatenate([s[i] for s in all_scores]) for i in range(len(self.ham))]
-        norm, fractions = self._apply(total, scores)
+        rate = mx.array(controller_rate(self.step, cfg.threshold_rate, cfg.warmup), mx.float32)
+        norm, fractions = self._apply(total, scores, rate)
         loss = sum(losses) / len(losses)
         if self.world > 1:
             loss = mx.distributed.all_sum(loss) / self.world
@@ -177,44 +181,47 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """out_dir/checkpoints/step-NNNNNNN: model folder (weights and thresholds), optimizer
-        state, trainer state. The data position is the step (batches are a function of seed and
-        step) and a training step draws no random numbers, so this is all an exact resume needs."""
+        """out_dir/checkpoints/step-NNNNNNN (see checkpoints): model folder (weights and
+        thresholds), optimizer state, trainer state. The data position is the step (batches are a
+        function of seed and step) and a training step draws no random numbers, so this is all an
+        exact resume needs."""
         if self.rank != 0:
             return None
-        root = self.out / "checkpoints"
-        path = root / f"step-{self.step:07d}"
-        save_model(self.model, path, self.tokenizer)
-        opt_state = dict(tree_flatten(self.optimizer.state))
-        mx.save_safetensors(str(path / "optimizer.safetensors"), opt_state)
         state = {"step": self.step, "config": self.cfg.to_dict()}
-        (path / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
-        old = sorted(root.glob("step-*"))[: -self.cfg.keep_checkpoints]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
-        return path
+        return checkpoints.write(
+            self.out / "checkpoints", self.step, self.model,
+            dict(tree_flatten(self.optimizer.state)), state, self.tokenizer,
+            self.cfg.keep_checkpoints,
+        )  # fmt: skip
 
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        state = json.loads((path / "trainer.json").read_text())
-        model = load_model(path)
-        self.model.load_weights(list(tree_flatten(model.parameters())))
-        opt_state = mx.load(str(path / "optimizer.safetensors"))
-        self.optimizer.state = tree_unflatten(list(opt_state.items()))
+        self._restore(checkpoints.read(Path(path), self._optimizer_keys()))
+
+    def _optimizer_keys(self) -> set[str]:
+        return {k for k, _ in tree_flatten(self.optimizer.state)}
+
+    def _restore(self, ckpt: checkpoints.Checkpoint) -> None:
+        self.model.load_weights(list(tree_flatten(ckpt.model.parameters())))
+        self.optimizer.state = tree_unflatten(list(ckpt.optimizer.items()))
         mx.eval(self.model.state, self.optimizer.state)
-        self.step = int(state["step"])
+        self.step = ckpt.step
         self._build_steps()
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted((self.out / "checkpoints").glob("step-*"))
-        return found[-1] if found else None
+        """The newest checkpoint that loads (broken ones are named on stderr and skipped)."""
+        ckpt = checkpoints.newest(self.out / "checkpoints", self._optimizer_keys())
+        return None if ckpt is None else ckpt.path
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
         """Train to cfg.steps (or stop_at); returns the last training and evaluation records."""
         cfg = self.cfg
-        if resume and (ckpt := self.latest_checkpoint()) is not None:
-            self.load_checkpoint(ckpt)
+        if self.rank == 0:
+            checkpoints.remove_stale(self.out / "checkpoints")
+        if resume:
+            ckpt = checkpoints.newest(self.out / "checkpoints", self._optimizer_keys())
+            if ckpt is not None:
+                self._restore(ckpt)
         self.out.mkdir(parents=True, exist_ok=True)
         log = (self.out / "metrics.jsonl").open("a") if self.rank == 0 else None
         end = min(cfg.steps, stop_at or cfg.steps)
@@ -226,12 +233,24 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.data.seq_len
         record: dict[str, Any] = {}
         evaluation: dict[str, Any] = {}
-        t0 = time.perf_counter()
+        clock = StepClock()
+        self._say(f"train: steps {self.step + 1}-{end} of {cfg.batch_size} x {cfg.data.seq_len} "
+                  "tokens; the first step compiles, the time left follows from step 2")  # fmt: skip
         while self.step < end:
-            record = self.train_step()
-            elapsed = time.perf_counter() - t0
             t0 = time.perf_counter()
+            record = self.train_step()
+            if not math.isfinite(record["loss"]):
+                raise ValueError(f"step {self.step}: the loss is {record['loss']}; training "
+                                 "stopped (no checkpoint of this step is written)")  # fmt: skip
+            elapsed = time.perf_counter() - t0
+            clock.add(elapsed)
             record["tokens_per_s"] = tokens_per_step / max(elapsed, 1e-9)
+            left = clock.left(end - self.step)
+            if len(clock.recent) == 1 and end > self.step:
+                self._say(f"train: {clock.per_step():.2f} s/step "
+                          f"({tokens_per_step / clock.per_step():.0f} tokens/s; the first step "
+                          f"took {clock.first:.1f} s): about {duration(left)} for the "
+                          f"{end - self.step} steps left")  # fmt: skip
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 evaluation = self.evaluate()
                 record.update(evaluation)
@@ -241,18 +260,28 @@ class Trainer:
             if bar is not None:
                 kv = "/".join(f"{f:.2f}" for f in record["kv_fraction"])
                 bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", kv=kv
-                )
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", kv=kv,
+                    left=duration(left),
+                )  # fmt: skip
                 bar.update(1)
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
+        result: dict[str, Any] = {"train": record, "eval": evaluation}
         if self.step == cfg.steps and self.rank == 0:
-            save_model(self.model, self.out / "final", self.tokenizer)
+            final = save_model(self.model, self.out / "final", self.tokenizer)
+            self._say(f"train: saved the model to {final}")
+            result["model"] = str(final)
         if log:
             log.close()
-        return {"train": record, "eval": evaluation}
+        return result
+
+    def _say(self, line: str) -> None:
+        if self.rank == 0 and self.cfg.progress:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=sys.stderr)  # above a progress bar, if one is shown
 
 
 def train(config: TrainConfig | dict | str | Path, resume: bool = False) -> dict[str, Any]:
