@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ham_mlx.config import IGNORED_FLA_FIELDS, ModelArgs
+from ham_mlx.config import ModelArgs
+from ham_mlx.config_values import MAX_LAYERS
+from ham_mlx.convert import fla_keys
 from ham_mlx.convert.tensors import FLOAT_DTYPES, ConversionError, LazyTensor, check_dtype
 from ham_mlx.model import Model
 
@@ -36,15 +38,10 @@ HF_FIELDS = {
     "temperature", "tf_legacy_loss", "tie_encoder_decoder", "tokenizer_class", "top_k", "top_p",
     "torchscript", "typical_p", "use_bfloat16", "keys_to_ignore_at_inference",
 }  # fmt: skip
-# FLA GatedDeltaNetConfig fields that leave the forward pass unchanged.
-FLA_NEUTRAL = IGNORED_FLA_FIELDS | {"fuse_linear_cross_entropy"}
+# FLA GatedDeltaNetConfig fields that leave the forward pass unchanged (with the reasons there).
+FLA_NEUTRAL = set(fla_keys.IGNORED)
 # FLA GatedDeltaNetConfig fields that ham_mlx implements (same names in ModelArgs).
-FLA_FIELDS = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "num_v_heads", "head_dim",
-    "expand_v", "conv_size", "use_short_conv", "use_gate", "output_gate_activation",
-    "allow_neg_eigval", "norm_eps", "hidden_ratio", "intermediate_size", "tie_word_embeddings",
-    "attn", "bos_token_id", "eos_token_id", "pad_token_id",
-}  # fmt: skip
+FLA_FIELDS = set(fla_keys.READ)
 ARGS_FIELDS = {f.name for f in dataclasses.fields(ModelArgs)} - {"extra", "quantization"}
 # Parameters of FLA features that ham_mlx does not implement, with the feature's name.
 UNSUPPORTED_PARAMS = [
@@ -66,26 +63,19 @@ def map_config(raw: dict[str, Any], file: str) -> ModelArgs:
     if model_type not in MODEL_TYPES:
         raise fail(
             f"model_type={model_type!r} is not supported; ham-mlx converts FLA Gated DeltaNet "
-            "checkpoints ('gated_deltanet', with optional attention layers) and HAM ('ham')"
+            "checkpoints ('gated_deltanet', with optional attention layers), Qwen3.5 "
+            "('qwen3_5', 'qwen3_5_text') and HAM ('ham')"
         )
-    if raw.get("attnres_block_size") is not None:
-        raise fail(
-            f"attnres_block_size={raw['attnres_block_size']!r}: attention residuals are a "
-            "different architecture, not supported"
-        )
-    if raw.get("hidden_act", "swish") not in ("swish", "silu"):
-        raise fail(f"hidden_act={raw['hidden_act']!r} is not supported (only 'swish')")
-    if raw.get("conv_bias"):
-        raise fail("conv_bias=True: short-convolution biases are not supported")
+    refused = fla_keys.refused_value(raw)
+    if refused:
+        raise fail(refused)
     if raw.get("quantization") is not None:
         raise fail(
             f"quantization={raw['quantization']!r}: the source is already quantized; convert "
             "from the unquantized checkpoint"
         )
     known = FLA_FIELDS if model_type == "gated_deltanet" else ARGS_FIELDS
-    neutral = (
-        FLA_NEUTRAL | HF_FIELDS | {"attnres_block_size", "conv_bias", "quantization", "hidden_act"}
-    )
+    neutral = FLA_NEUTRAL | HF_FIELDS | set(fla_keys.SUPPORTED_VALUES) | {"quantization"}
     unknown = sorted(set(raw) - known - neutral - {"model_type"})
     if unknown:
         raise fail(
@@ -103,8 +93,8 @@ def map_config(raw: dict[str, Any], file: str) -> ModelArgs:
             raise fail(f"attn={attn!r}: FLA needs attn.layers, the list of attention layers")
         attn_layers = set(attn.get("layers", []))
         n = raw.get("num_hidden_layers", 21)
-        if not isinstance(n, int) or n <= 0:
-            raise fail(f"num_hidden_layers={n!r}: must be a positive integer")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_LAYERS:
+            raise fail(f"num_hidden_layers={n!r}: must be an integer in [1, {MAX_LAYERS}]")
         params["layer_types"] = ["attn" if i in attn_layers else "gdn" for i in range(n)]
         if raw.get("num_v_heads") is None:
             params.pop("num_v_heads", None)
@@ -161,11 +151,12 @@ def plan_weights(args: ModelArgs, model: Model, tensors: dict[str, LazyTensor]) 
     """Check the source tensors against the model and say how to map each one."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     source = dict(tensors)
+    qk_norm = bool(args.attn and args.attn.get("qk_norm"))  # a ham folder's gated attention
     for name in list(source):
         if re.search(r"\.attn\.rotary\.inv_freq$", name):
             del source[name]  # a buffer torch recomputes; so do we
         for pattern, feature in UNSUPPORTED_PARAMS:
-            if pattern.search(name):
+            if pattern.search(name) and not (qk_norm and "qk_norm" in feature):
                 raise ConversionError(f"{source[name].where}: {feature} are not supported")
     keys = set(source)
     for i, declared in enumerate(args.layer_types):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ham_mlx.config import MLX_LM_FIELDS, ConfigError, config_fields
+from ham_mlx.convert import fla_keys, qwen35
 from ham_mlx.convert.checkpoint import read_weights
 from ham_mlx.convert.mapping import map_config, plan_weights
 from ham_mlx.convert.progress import Progress
 from ham_mlx.convert.quantize import quantize_model
+from ham_mlx.convert.staging import staging_folder
 from ham_mlx.convert.tensors import ConversionError
 from ham_mlx.model import FP32_PARAMS, Model
 from ham_mlx.model_io import TOKENIZER, save_model, write_hf_files
@@ -43,6 +45,8 @@ class ConversionSummary:
     quantization: dict[str, int] | None
     quantized_modules: int
     tokenizer_files: list[str] = field(default_factory=list)
+    ignored_keys: list[str] = field(default_factory=list)  # config keys that change no logits
+    notes: list[str] = field(default_factory=list)  # source tensors left out, and why
 
     def __str__(self) -> str:
         types = " ".join(self.layer_types)
@@ -61,10 +65,15 @@ class ConversionSummary:
             f"weights      {self.bytes / 1e6:.1f} MB",
             f"tokenizer    {tok}",
         ]
-        if TOKENIZER not in self.tokenizer_files:
+        if self.ignored_keys:
+            keys = f"{', '.join(self.ignored_keys)} (config keys that change no forward pass)"
+            lines.append(textwrap.fill(keys, 100, initial_indent="ignored      ",
+                                       subsequent_indent=" " * 13))  # fmt: skip
+        lines += [f"note         {n}" for n in self.notes]
+        if not {TOKENIZER, "tokenizer.json"} & set(self.tokenizer_files):
             lines.append(
-                f"note         no {TOKENIZER}: ham_mlx.load needs a sentencepiece {TOKENIZER} "
-                "in the folder (ham_mlx.load_model reads the model alone)"
+                f"note         no {TOKENIZER} and no tokenizer.json: ham_mlx.load needs one of "
+                "them in the folder (ham_mlx.load_model reads the model alone)"
             )
         return "\n".join(lines)
 
@@ -82,7 +91,8 @@ def convert(
 ) -> ConversionSummary:
     """Convert a PyTorch checkpoint folder into a ham_mlx model folder.
 
-    src: an HF-style folder with config.json (FLA `model_type: "gated_deltanet"` or `"ham"`) and
+    src: an HF-style folder with config.json (FLA `model_type: "gated_deltanet"`, Qwen3.5's
+    `"qwen3_5"` / `"qwen3_5_text"`, or `"ham"`) and
     weights (`model.safetensors`, shards + index, `pytorch_model.bin`, or one `.pt`/`.pth`).
     dst: the folder to write; written into a temporary folder beside it, then renamed, so a
     failed or interrupted conversion leaves no partial dst. An existing dst is an error unless
@@ -101,14 +111,16 @@ def convert(
     check_destination(src, dst, overwrite)
     folder = src if src.is_dir() else src.parent
     config_file = folder / "config.json"
-    args = map_config(source_config(read_json(config_file), config_file), str(config_file))
+    raw = source_config(read_json(config_file), config_file)
+    source = qwen35 if qwen35.handles(raw) else None  # Qwen3.5 has a mapping of its own
+    args = (source.map_config if source else map_config)(raw, str(config_file))
     tensors, files = read_weights(src)
     tokenizer_files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
     if TOKENIZER in tokenizer_files:
         check_tokenizer(folder / TOKENIZER, args.vocab_size)
 
     model = Model(args)  # lazy: the random initialisation is never computed
-    plan = plan_weights(args, model, tensors)
+    plan = (source.plan_weights if source else plan_weights)(args, model, tensors)
     dtype = dtype or source_dtype(plan.sources)
     target = DTYPES[dtype]
     bar = Progress(sum(t.nbytes for t in plan.sources.values()), "reading weights", progress)
@@ -137,6 +149,8 @@ def convert(
         bytes=sum(v.nbytes for v in params.values()), layer_types=list(args.layer_types),
         dtype=dtype, quantization=args.quantization, quantized_modules=len(quantized),
         tokenizer_files=tokenizer_files,
+        ignored_keys=[] if source else fla_keys.ignored_keys(raw),
+        notes=source.dropped(tensors) if source else [],
     )  # fmt: skip
 
 
@@ -145,7 +159,7 @@ def read_json(file: Path) -> dict[str, Any]:
         raise ConversionError(f"{file}: not found (a checkpoint folder needs its config.json)")
     try:
         raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ConversionError(f"{file}: invalid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConversionError(f"{file}: expected a JSON object")
@@ -221,14 +235,10 @@ def write_folder(model: Model, tmp: Path, folder: Path, tokenizer_files: list[st
 def write_atomically(dst: Path, overwrite: bool, write) -> None:
     """write(tmp) fills a temporary folder beside dst, which then becomes dst in one rename
     (an existing dst, when overwrite=True, is moved aside first and removed after)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting.", dir=dst.parent))
-    try:
+    with staging_folder(dst) as staging:  # removed at the end, on SIGTERM, or by the next run
         write(staging / "out")
         if dst.exists():
             if not overwrite:
                 raise ConversionError(f"{dst}: appeared during the conversion; not replaced")
             os.replace(dst, staging / "old")
         os.replace(staging / "out", dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -188,8 +188,11 @@ class HAMAttention(GatedDeltaNet):
         return self.o_proj((self.rnn_output(x, o) + kv).flatten(2))
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """NeoX (half-split) rotary embedding of x [B, T, N, hd] at positions 0..T-1."""
+def rope(x: torch.Tensor, theta: float, dims: int | None = None) -> torch.Tensor:
+    """NeoX (half-split) rotary embedding of x [B, T, N, hd] at positions 0..T-1, of the first
+    `dims` features (default all; the rest pass unchanged)."""
+    if dims is not None and dims < x.shape[-1]:
+        return torch.cat([rope(x[..., :dims], theta), x[..., dims:]], -1)
     T, hd = x.shape[1], x.shape[-1]
     inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]  # [T, hd/2]
@@ -199,22 +202,33 @@ def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """FLA's softmax attention: GQA, NeoX RoPE, optional window of W keys (spec §5)."""
+    """FLA's softmax attention: GQA, NeoX RoPE, optional window of W keys (spec §5); the gated
+    variant (spec §5.1): head_dim, q/k norms, partial RoPE, a sigmoid output gate."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         cfg, D = args.attn, args.hidden_size
         self.N, self.Nkv = cfg["num_heads"], cfg["num_kv_heads"]
-        self.hd, self.window, self.theta = D // self.N, cfg["window_size"], cfg["rope_theta"]
-        self.q_proj = nn.Linear(D, self.N * self.hd, bias=False)
+        self.hd = cfg.get("head_dim") or D // self.N
+        self.window, self.theta = cfg["window_size"], cfg["rope_theta"]
+        self.rotary = int(self.hd * cfg.get("partial_rotary_factor", 1.0))
+        self.gated = cfg.get("output_gate") == "sigmoid"
+        if cfg.get("qk_norm"):
+            self.q_norm = RMSNorm(self.hd, args.norm_eps)
+            self.k_norm = RMSNorm(self.hd, args.norm_eps)
+        self.q_proj = nn.Linear(D, self.N * self.hd * (2 if self.gated else 1), bias=False)
         self.k_proj = nn.Linear(D, self.Nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(D, self.Nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.N * self.hd, D, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = rope(self.q_proj(x).view(B, T, self.N, self.hd), self.theta)
-        k = rope(self.k_proj(x).view(B, T, self.Nkv, self.hd), self.theta)
+        q = self.q_proj(x).view(B, T, self.N, -1)  # per head [query | gate] when gated
+        q, gate = (q[..., : self.hd], q[..., self.hd :].flatten(2)) if self.gated else (q, None)
+        k = self.k_proj(x).view(B, T, self.Nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, self.theta, self.rotary), rope(k, self.theta, self.rotary)
         v = self.v_proj(x).view(B, T, self.Nkv, self.hd)
         k, v = (a.repeat_interleave(self.N // self.Nkv, dim=2) for a in (k, v))
         z = torch.einsum("bthd,bshd->bhts", q, k) * self.hd**-0.5
@@ -223,7 +237,8 @@ class Attention(nn.Module):
         if self.window is not None:
             mask = mask & (t[None, :] > t[:, None] - self.window)
         p = torch.softmax(z.masked_fill(~mask, float("-inf")), -1)
-        return self.o_proj(torch.einsum("bhts,bshd->bthd", p, v).flatten(2))
+        o = torch.einsum("bhts,bshd->bthd", p, v).flatten(2)
+        return self.o_proj(o if gate is None else o * torch.sigmoid(gate))
 
 
 class GatedMLP(nn.Module):

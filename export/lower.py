@@ -708,18 +708,19 @@ def ham_attention(ctx: Context, m: HAMAttention, x: str, cache: LayerCache) -> s
     return lower(ctx, m.o_proj, g.Reshape(g.cast(y, g.types[x]), g.i64([0, 0, -1])), name="o_proj")
 
 
-def rope(g: Graph, x: str, positions: str, dims: int, base: float) -> str:
-    """nn.RoPE(dims, traditional=False, base): NeoX half-split rotation at `positions` [B, L]."""
+def rope(g: Graph, x: str, positions: str, dims: int, base: float, hd: int | None = None) -> str:
+    """nn.RoPE(dims, traditional=False, base): NeoX half-split rotation at `positions` [B, L] of
+    the first `dims` of the hd features (partial RoPE: the rest pass through)."""
     inv_freq = (base ** (-np.arange(0, dims, 2, dtype=np.float32) / dims)).astype(np.float32)
     theta = g.Mul(g.Unsqueeze(g.Cast(positions, to=FLOAT), g.i64([1, 3])), g.f32(inv_freq))
     cos, sin = g.Cos(theta), g.Sin(theta)  # [B, 1, L, dims/2]
     xf = g.to_f32(x)
     x1 = g.Slice(xf, g.i64([0]), g.i64([dims // 2]), g.i64([3]))
     x2 = g.Slice(xf, g.i64([dims // 2]), g.i64([dims]), g.i64([3]))
-    out = g.Concat(
-        g.Sub(g.Mul(x1, cos), g.Mul(x2, sin)), g.Add(g.Mul(x1, sin), g.Mul(x2, cos)), axis=-1
-    )
-    return g.cast(out, g.types[x])
+    parts = [g.Sub(g.Mul(x1, cos), g.Mul(x2, sin)), g.Add(g.Mul(x1, sin), g.Mul(x2, cos))]
+    if hd is not None and dims < hd:
+        parts.append(g.Slice(xf, g.i64([dims]), g.i64([hd]), g.i64([3])))
+    return g.cast(g.Concat(*parts, axis=-1), g.types[x])
 
 
 @lowers(Attention)
@@ -730,12 +731,23 @@ def attention(ctx: Context, m: Attention, x: str, cache: LayerCache) -> str:
     def heads(y, n):  # [B, L, n*hd] -> [B, n, L, hd]
         return g.Transpose(g.Reshape(y, g.i64([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-    q = heads(lower(ctx, m.q_proj, x, name="q_proj"), m.num_heads)
-    k = heads(lower(ctx, m.k_proj, x, name="k_proj"), m.num_kv_heads)
+    q = lower(ctx, m.q_proj, x, name="q_proj")
+    gate = None
+    if m.gated:  # per head [query | gate]: Attention.query
+        qg = g.Reshape(q, g.i64([0, 0, m.num_heads, 2 * hd]))
+        q = g.Slice(qg, g.i64([0]), g.i64([hd]), g.i64([3]))
+        gate = g.Reshape(g.Slice(qg, g.i64([hd]), g.i64([2 * hd]), g.i64([3])), g.i64([0, 0, -1]))
+    k = lower(ctx, m.k_proj, x, name="k_proj")
+    if "q_norm" in m:  # over each head's hd features, before RoPE
+        q = g.Reshape(q, g.i64([0, 0, m.num_heads, hd]))
+        q = lower(ctx, m.q_norm, q, name="q_norm")
+        k = lower(ctx, m.k_norm, g.Reshape(k, g.i64([0, 0, m.num_kv_heads, hd])), name="k_norm")
+    q = heads(q, m.num_heads)
+    k = heads(k, m.num_kv_heads)
     v = heads(lower(ctx, m.v_proj, x, name="v_proj"), m.num_kv_heads)
     positions = ctx.position_ids  # [B, L]: a real token's position in its row (pads: any)
-    q = rope(g, q, positions, m.rope.dims, m.rope.base)
-    k = rope(g, k, positions, m.rope.dims, m.rope.base)
+    q = rope(g, q, positions, m.rope.dims, m.rope.base, hd)
+    k = rope(g, k, positions, m.rope.dims, m.rope.base, hd)
     # cache.update_and_fetch: slot = position mod N (circular), then read the slots that can hold
     # a position <= the row's last
     past_k, past_v = cache.past["key"], cache.past["value"]
@@ -789,4 +801,6 @@ def attention(ctx: Context, m: Attention, x: str, cache: LayerCache) -> str:
     if ctx.valid is not None:  # a pad's query may see no key at all (0/0): zero its output
         o = g.Where(g.Unsqueeze(ctx.valid, g.i64([1, 3])), o, g.const(0.0, NP_TYPES[g.types[o]]))
     o = g.Reshape(g.Transpose(o, perm=[0, 2, 1, 3]), g.i64([0, 0, -1]))
+    if gate is not None:
+        o = g.Mul(o, g.Sigmoid(gate))
     return lower(ctx, m.o_proj, o, name="o_proj")

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer: load, encode/decode, stream text out token by token, train.
+"""SentencePiece tokenizer: load, encode/decode, stream text out token by token, train; and
+`load_tokenizer`, a model folder's tokenizer (SentencePiece, else `ham_mlx.json_tokenizer`).
 
 Models trained by `train_tokenizer` round-trip exactly: `decode(encode(x)) == x` for any text,
 including newlines, runs of spaces, tabs and characters outside the vocabulary (byte fallback).
@@ -11,8 +12,12 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from ham_mlx.json_tokenizer import JsonTokenizer
 
 # Settings that make decode(encode(x)) == x exactly on multi-line text: sentencepiece's defaults
 # (NFKC, collapsed whitespace, no newline piece) break the round trip.
@@ -38,8 +43,9 @@ def bundled_tokenizer_path() -> Path:
 class Tokenizer:
     """A SentencePiece model. Build it with `from_file` or `from_bytes`."""
 
-    def __init__(self, processor: spm.SentencePieceProcessor):
+    def __init__(self, processor: spm.SentencePieceProcessor, source: str = "tokenizer.model"):
         self._sp = processor
+        self.source = source  # the file it was read from, for messages
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Tokenizer:
@@ -61,7 +67,9 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         try:
-            return cls.from_bytes(path.read_bytes())
+            tokenizer = cls.from_bytes(path.read_bytes())
+            tokenizer.source = str(path)
+            return tokenizer
         except ValueError as e:
             raise ValueError(f"{path} is {e}") from None
 
@@ -103,6 +111,35 @@ class Tokenizer:
     def detokenizer(self) -> StreamingDetokenizer:
         """A fresh streaming detokenizer for one generated sequence."""
         return StreamingDetokenizer(self)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The control pieces (`<s>`, `</s>`, ...) by name."""
+        sp = self._sp
+        return {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (b"" out of range): `▁` is a space, a byte-fallback
+        piece (`<0xE4>`) its byte, a control piece its name."""
+        if not 0 <= token < self.vocab_size:
+            return b""
+        piece = self._sp.id_to_piece(token)
+        if self._sp.is_byte(token):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def load_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer | JsonTokenizer:
+    """The tokenizer of a model folder: its SentencePiece `tokenizer.model`, else its Hugging
+    Face `tokenizer.json` (with `tokenizer_config.json`'s special tokens)."""
+    folder = Path(folder)
+    if (folder / "tokenizer.model").is_file():
+        return Tokenizer.from_file(folder / "tokenizer.model")
+    if (folder / "tokenizer.json").is_file():
+        from ham_mlx.json_tokenizer import JsonTokenizer
+
+        return JsonTokenizer.from_folder(folder)
+    raise FileNotFoundError(f"{folder}: no tokenizer.model and no tokenizer.json")
 
 
 def _optional_id(i: int) -> int | None:

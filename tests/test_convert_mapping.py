@@ -42,7 +42,7 @@ def edit_weights(src: Path, fn) -> None:
 
 CONFIG_ERRORS = {
     "model type": ({"model_type": "mamba2"}, r"model_type='mamba2' is not supported"),
-    "attnres": ({"attnres_block_size": 4}, r"attnres_block_size=4: attention residuals"),
+    "attnres": ({"attnres_block_size": 4}, r"attnres_block_size=4 is not supported: attention"),
     "hidden_act": ({"hidden_act": "powlu"}, r"hidden_act='powlu' is not supported"),
     "unknown key": ({"use_forget_gate": True}, r"unknown config key\(s\) \['use_forget_gate'\]"),
     "ham field in FLA": ({"ham_router": "l2"}, r"unknown config key\(s\) \['ham_router'\]"),

@@ -35,6 +35,10 @@ CONFIGS = {
         layer_types=["ham", "attn", "ham"], attn=ATTN, ham_router="learned",
         tie_word_embeddings=True, output_gate_activation="sigmoid",
     ),
+    "gated-attn": dict(  # spec §5.1: head_dim, q/k norms, partial RoPE, sigmoid output gate
+        layer_types=["gdn", "attn"], attn={**ATTN, "head_dim": 24, "qk_norm": True,
+        "partial_rotary_factor": 0.5, "output_gate": "sigmoid"},
+    ),
     "l2-nogate-negeig": dict(
         layer_types=["gdn", "ham"], ham_router="l2", use_gate=False, allow_neg_eigval=True,
         conv_size=2, expand_v=1.0,

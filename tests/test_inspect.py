@@ -84,17 +84,19 @@ def test_threshold_override(default, hamlet):
         trace(model, tok, HAMLET, threshold=[0.1, 0.2])
 
 
-def test_layer_selection_and_models_without_ham(default):
+def test_layer_selection_and_models_without_scores(default):
     _, tok = default
     mx.random.seed(0)
-    hybrid = Model(preset_args("tiny-hybrid", tok.vocab_size))
-    assert [lt.index for lt in trace(hybrid, tok, HAMLET).layers] == [0, 3]
+    hybrid = Model(preset_args("tiny-hybrid", tok.vocab_size))  # ham gdn attn ham
+    t = trace(hybrid, tok, HAMLET)
+    assert [(lt.index, lt.kind) for lt in t.layers] == [(0, "ham"), (1, "gdn"), (3, "ham")]
     assert [lt.index for lt in trace(hybrid, tok, HAMLET, layers=[3]).layers] == [3]
-    with pytest.raises(ValueError, match="layer 1 is a gdn layer; HAM layers: 0, 3"):
-        trace(hybrid, tok, HAMLET, layers=[1])
-    gdn = Model(preset_args("tiny-gdn", tok.vocab_size))
-    with pytest.raises(ValueError, match=r"model gdn-model has no HAM layers \(layer types: gdn"):
-        trace(gdn, tok, HAMLET, model_name="gdn-model")
+    with pytest.raises(ValueError, match=r"layer 2 \('attn'\) has no surprise score; HAM and "
+                       "GDN layers: 0, 1, 3"):  # fmt: skip
+        trace(hybrid, tok, HAMLET, layers=[2])
+    attn = Model(preset_args("tiny-attn", tok.vocab_size))
+    with pytest.raises(ValueError, match=r"model a has no HAM or GDN layers \(layer types: attn"):
+        trace(attn, tok, HAMLET, model_name="a")
 
 
 def test_terminal_view(hamlet, monkeypatch):
@@ -171,14 +173,14 @@ def test_html_escapes_and_shows_numbers(default):
     assert "not stored" in page and f"{lt.kv_fraction:.3f}" in page
 
 
-def test_plot_has_one_panel_per_ham_layer(default, hamlet, tmp_path):
+def test_plot_has_one_panel_per_layer(default, hamlet, tmp_path):
     fig = plot_scores(hamlet, tmp_path / "scores.png")
     assert len(fig.axes) == 4
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _, tok = default
     mx.random.seed(0)
     hybrid = Model(preset_args("tiny-hybrid", tok.vocab_size))
-    assert len(plot_scores(trace(hybrid, tok, HAMLET * 4)).axes) == 2  # > labelled tokens
+    assert len(plot_scores(trace(hybrid, tok, HAMLET * 4)).axes) == 3  # > labelled tokens
 
 
 def test_cli_end_to_end(tmp_path, capsys):
@@ -216,11 +218,11 @@ def test_cli_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cli_model_without_ham_layers(tmp_path, capsys):
-    folder = init_model(tmp_path / "gdn", "tiny-gdn")
+def test_cli_model_without_scored_layers(tmp_path, capsys):
+    folder = init_model(tmp_path / "attn", "tiny-attn")
     assert main(["inspect", "--model", str(folder), "--prompt", "Romeo"]) == 2
     err = capsys.readouterr().err
-    assert f"model {folder} has no HAM layers (layer types: gdn, gdn)" in err
+    assert f"model {folder} has no HAM or GDN layers (layer types: attn, attn)" in err
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")

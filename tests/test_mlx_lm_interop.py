@@ -19,7 +19,7 @@ from ham_mlx.generate import stream_generate
 from ham_mlx.hf_tokenizer import CHAT_TEMPLATE
 from ham_mlx.interop import load_hf_tokenizer, mlx_lm_tokenizer
 from ham_mlx.mlx_lm_model import Model as MlxLmModel
-from ham_mlx.model_io import CheckpointError, default_model_path, load, load_model
+from ham_mlx.model_io import default_model_path, load, load_model
 from ham_mlx.presets import init_model
 from ham_mlx.tokenizer import Tokenizer
 
@@ -171,9 +171,10 @@ def test_folders_mlx_lm_convert_saved_load_again(folders, tmp_path):
             assert np.abs(got - want).max() / np.abs(want).max() < tol, name
         assert (type(ours.layers[0].attn.q_proj) is nn.QuantizedLinear) == (name == "q4")
         np.testing.assert_array_equal(np.array(ours(ids)), np.array(theirs(ids)))
-    # mlx-lm saves tokenizer.json, not tokenizer.model, which ham_mlx.load needs
-    with pytest.raises(CheckpointError, match="tokenizer.model: not found.*mlx-lm"):
-        load(tmp_path / "q4")
+    # mlx-lm saves tokenizer.json, not tokenizer.model: ham_mlx.load reads it
+    model, tokenizer = load(tmp_path / "q4")
+    assert type(tokenizer).__name__ == "JsonTokenizer"
+    assert tokenizer.encode(TEXTS[0]) == ids[0].tolist()
     shutil.copy(src / "tokenizer.model", tmp_path / "q4")
     model, tokenizer = load(tmp_path / "q4")
     assert tokenizer.encode(TEXTS[0]) == ids[0].tolist()

@@ -1,4 +1,5 @@
-"""`ham-mlx inspect`: what each HAM layer stored, and why (score vs τ), per token.
+"""`ham-mlx inspect`: what each HAM layer stored, and why (score vs τ), per token; for GDN layers,
+the cosine surprise of the state's own prediction (nothing is stored).
 
 trace.py runs the model with real caches; terminal.py, report.py (HTML) and plot.py (PNG) show it.
 """

@@ -1,4 +1,5 @@
-"""`ham-mlx inspect`: what each HAM layer chose to store, in the terminal and as an HTML report."""
+"""`ham-mlx inspect`: what each HAM layer chose to store, and where each GDN layer's state failed
+to predict, in the terminal and as an HTML report."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import sys
 from pathlib import Path
 
 DESCRIPTION = """\
-Show what each HAM layer stored in its KV cache for a prompt.
+Show what each HAM layer stored in its KV cache for a prompt, and where each GDN layer's state
+failed to predict it.
 
 The prompt is prefilled in chunks into real caches, as in generation; a token is stored when
 its surprise score (how badly the layer's RNN predicted its value) is at least the layer's
-threshold τ. The terminal shows the text once per HAM layer with the stored tokens highlighted
+threshold τ. The terminal shows the text once per layer with the stored tokens highlighted
 (ANSI colours on a terminal unless NO_COLOR is set, [brackets] otherwise) and each layer's KV
 fraction (admitted / seen). --html OUT also writes a self-contained HTML report (hover a token
-for its score and τ) and OUT's .png: the score along the text, one panel per HAM layer.
+for its score and τ) and OUT's .png: the score along the text, one panel per layer.
+
+GDN layers (any model: FLA Gated DeltaNet checkpoints, hybrids) have no router, no τ and no KV
+cache, and store nothing. For them the score is the cosine surprise of the layer's own state,
+1 - cos(v̂, v) with v̂ = α·S·k (the min over value heads): the quantity a cosine HAM layer would
+compare with τ. Tokens whose surprise is at least --gdn-level are marked.
 
 examples:
   ham-mlx inspect --prompt "To be, or not to be, that is the question"
   ham-mlx inspect --file hamlet.txt --threshold 0.3 --html report.html
   ham-mlx inspect --model models/small --file notes.txt --layers 0,3 --table
+  ham-mlx inspect --model models/gdn-340m --file notes.txt --gdn-level 0.7
 """
 
 
@@ -59,9 +67,14 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     prompt = read_prompt(a)
     name = a.model if a.model is not None else f"{default_model_path().name} (bundled)"
     model, tokenizer = load(a.model)
+    if a.threshold is not None and not model.ham_layers:
+        raise ValueError(
+            f"--threshold: model {name} has no HAM layers; GDN layers have no τ "
+            "(--gdn-level sets the level their view marks)"
+        )
     t = trace(model, tokenizer, prompt, threshold=a.threshold, layers=a.layers,
               max_tokens=a.max_tokens, prefill_step_size=a.prefill_step_size,
-              model_name=name)  # fmt: skip
+              model_name=name, gdn_level=a.gdn_level)  # fmt: skip
     if t.dropped:
         print(f"ham-mlx inspect: warning: the prompt has {len(t.ids) + t.dropped} tokens; "
               f"inspecting the first {len(t.ids)} (--max-tokens)", file=sys.stderr)  # fmt: skip
@@ -79,10 +92,11 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     """Register the `inspect` subcommand on the CLI's subparsers."""
     from ham_mlx.cli import int_at_least, thresholds
-    from ham_mlx.inspector.trace import MAX_TOKENS
+    from ham_mlx.inspector.trace import GDN_LEVEL, MAX_TOKENS
 
     p = sub.add_parser(
-        "inspect", help="show which tokens each HAM layer stored in its KV cache, and why",
+        "inspect", help="show which tokens each HAM layer stored in its KV cache, and why "
+        "(and where GDN layers failed to predict)",
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--model", metavar="DIR", help="model folder (default: the bundled model)")
@@ -95,7 +109,11 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--layers", type=layer_list, default=None, metavar="I[,I..]",
-        help="model-layer indices of the HAM layers to show, e.g. 0,3 (default: all)",
+        help="model-layer indices of the HAM and GDN layers to show, e.g. 0,3 (default: all)",
+    )  # fmt: skip
+    p.add_argument(
+        "--gdn-level", type=float, default=GDN_LEVEL, metavar="L",
+        help=f"GDN layers: mark the tokens whose surprise is at least L ({GDN_LEVEL})",
     )  # fmt: skip
     p.add_argument(
         "--html", default=None, metavar="OUT",

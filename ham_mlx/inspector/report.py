@@ -52,6 +52,8 @@ def token_span(p: int, token: str, lt: LayerTrace) -> str:
     """One token as a span whose hover title gives its score, τ and whether it was stored."""
     s, stored = float(lt.scores[p]), bool(lt.admitted[p])
     verdict = f"≥ τ {lt.threshold:.4f}: stored" if stored else f"< τ {lt.threshold:.4f}: not stored"
+    if lt.kind == "gdn":  # a GDN layer stores nothing
+        verdict = f"{'≥' if stored else '<'} level {lt.threshold:.4f} (gdn: nothing is stored)"
     title = f"#{p} {token!r} · layer {lt.index} · score {s:.4f} {verdict}"
     text = escape(token).replace("\n", '<span class="nl">↵</span>\n')
     cls = "tok st" if stored else "tok"
@@ -62,9 +64,13 @@ def summary_rows(t: Trace) -> list[str]:
     rows = []
     for k, lt in enumerate(t.layers):
         lo, med, hi = np.min(lt.scores), np.median(lt.scores), np.max(lt.scores)
+        gdn = lt.kind == "gdn"
+        name = f"layer {lt.index} (gdn)" if gdn else f"layer {lt.index}"
+        tau = f"level {lt.threshold:.4f}" if gdn else f"{lt.threshold:.4f}"
         rows.append(
-            f'<tr style="--c:{layer_color(k)}"><td><span class="swatch"></span> layer {lt.index}'
-            f"</td><td>{lt.threshold:.4f}</td><td>{lt.n_admitted}</td><td>{len(lt.admitted)}</td>"
+            f'<tr style="--c:{layer_color(k)}"><td><span class="swatch"></span> {name}'
+            f"</td><td>{tau}</td><td>{lt.n_admitted}{' marked' if gdn else ''}</td>"
+            f"<td>{len(lt.admitted)}</td>"
             f'<td><span class="bar"><i style="width:{100 * lt.kv_fraction:.1f}%"></i></span>'
             f"{lt.kv_fraction:.3f}</td><td>{lo:.3f} / {med:.3f} / {hi:.3f}</td></tr>"
         )
@@ -73,16 +79,31 @@ def summary_rows(t: Trace) -> list[str]:
 
 def layer_block(t: Trace, k: int, lt: LayerTrace) -> str:
     spans = "".join(token_span(p, tok, lt) for p, tok in enumerate(t.tokens))
+    about = (
+        f"τ = {lt.threshold:.4f} · stored {lt.n_admitted} of {len(lt.admitted)} tokens · "
+        f"KV fraction {lt.kv_fraction:.3f}"
+    )
+    if lt.kind == "gdn":
+        about = (
+            f"GDN layer, nothing stored · marked: cosine surprise of its state ≥ level "
+            f"{lt.threshold:.4f}, {lt.n_admitted} of {len(lt.admitted)} tokens"
+        )
     return (
         f'<section class="card layer" style="--c:{layer_color(k)}" id="layer-{lt.index}">'
-        f"<h3>Layer {lt.index} <span>· τ = {lt.threshold:.4f} · stored {lt.n_admitted} of "
-        f"{len(lt.admitted)} tokens · KV fraction {lt.kv_fraction:.3f}</span></h3>"
+        f"<h3>Layer {lt.index} <span>· {about}</span></h3>"
         f'<div class="text">{spans}</div></section>'
     )
 
 
+GDN_NOTE = """ GDN layers store nothing: they have no router, no τ and no KV cache. Their score is
+the cosine surprise of the layer's own state, 1 − cos(v̂, v) with v̂ = α·S·k (the min over value
+heads), the quantity a cosine HAM layer compares with τ; highlighted tokens there are those whose
+surprise reached the level shown, where the state predicted the token's value worst."""
+
+
 def render_html(t: Trace, png: bytes | None = None) -> str:
     """The report as one HTML document; `png` (the score plot) is embedded when given."""
+    gdn = any(lt.kind == "gdn" for lt in t.layers)
     source = "trained" if t.threshold_source == "trained" else "set by --threshold"
     keys = "".join(
         f'<span class="key" style="--c:{layer_color(k)}"><span class="swatch"></span>'
@@ -113,7 +134,8 @@ thresholds {source}</p>
 <div class="card legend">{keys}
 <span class="note">Highlighted tokens were stored in that layer's KV cache: their surprise score
 (how badly the layer's RNN predicted the token's value) was at least the layer's threshold τ.
-The others live only in the RNN state. Hover a token for its score and τ.</span></div>
+The others live only in the RNN state. Hover a token for its score and τ.{GDN_NOTE if gdn else ""}
+</span></div>
 <h2>KV fraction per layer</h2>
 <div class="card"><table>
 <tr><th>layer</th><th>τ</th><th>stored</th><th>seen</th><th>KV fraction</th>

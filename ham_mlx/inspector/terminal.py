@@ -1,4 +1,5 @@
-"""Terminal view of a trace: the text once per HAM layer with the stored tokens marked."""
+"""Terminal view of a trace: the text once per layer, with the tokens a HAM layer stored (or
+those a GDN layer's state predicted worst) marked."""
 
 from __future__ import annotations
 
@@ -76,7 +77,20 @@ def wrap(
     return lines
 
 
+GDN_NOTE = [
+    "gdn layers: the score is the cosine surprise of the layer's own state, 1 - cos(v̂, v) with",
+    "v̂ = α·S·k (min over value heads), the quantity a cosine HAM layer compares with τ. A GDN",
+    "layer has no router, no τ and no KV cache: it stores nothing; the marks only show where",
+    "its state predicted the token's value worst (surprise ≥ the level).",
+]
+
+
 def layer_header(t: Trace, lt: LayerTrace) -> str:
+    if lt.kind == "gdn":
+        return (
+            f"layer {lt.index} (gdn, nothing stored)  surprise ≥ level {lt.threshold:.4f}: "
+            f"{lt.n_admitted} of {len(lt.admitted)} ({lt.kv_fraction:.3f})"
+        )
     return (
         f"layer {lt.index} ({t.layer_types[lt.index]})  τ {lt.threshold:.4f}  "
         f"stored {lt.n_admitted} of {len(lt.admitted)} (KV fraction {lt.kv_fraction:.3f})"
@@ -84,18 +98,29 @@ def layer_header(t: Trace, lt: LayerTrace) -> str:
 
 
 def fraction_lines(t: Trace) -> list[str]:
-    """The per-layer KV fraction, admitted / seen."""
-    rows = [f"{INDENT}layer {lt.index}  {lt.kv_fraction:.3f}  ({lt.n_admitted}/{len(lt.admitted)})"
-            for lt in t.layers]  # fmt: skip
-    return ["KV fraction (admitted / seen):", *rows]
+    """The per-layer KV fraction, admitted / seen, of the HAM layers; the marked fraction of the
+    GDN layers."""
+    out = []
+    for kind, title in (
+        ("ham", "KV fraction (admitted / seen):"),
+        ("gdn", "GDN surprise ≥ level (marked / seen; nothing is stored):"),
+    ):
+        rows = [
+            f"{INDENT}layer {lt.index}  {lt.kv_fraction:.3f}  ({lt.n_admitted}/{len(lt.admitted)})"
+            for lt in t.layers
+            if lt.kind == kind
+        ]
+        out += [title, *rows] if rows else []
+    return out
 
 
 def score_table(t: Trace) -> list[str]:
-    """Every token's score per layer; * marks a stored token."""
+    """Every token's score per layer; * marks a stored token (gdn: surprise ≥ level)."""
     head = f"{'pos':>5}  {'token':<14}" + "".join(
         f"{'layer ' + str(lt.index):>11}" for lt in t.layers
     )
-    taus = f"{'':>5}  {'τ':<14}" + "".join(f"{lt.threshold:>10.4f} " for lt in t.layers)
+    label = "τ / gdn level" if any(lt.kind == "gdn" for lt in t.layers) else "τ"
+    taus = f"{'':>5}  {label:<14}" + "".join(f"{lt.threshold:>10.4f} " for lt in t.layers)
     rows = [head, taus]
     for p, tok in enumerate(t.tokens):
         cells = "".join(f"{lt.scores[p]:>10.4f}{'*' if lt.admitted[p] else ' '}" for lt in t.layers)
@@ -104,18 +129,27 @@ def score_table(t: Trace) -> list[str]:
 
 
 def render(t: Trace, color: bool, width: int = 100, table: bool = False) -> str:
-    """The whole terminal view: legend, one block per HAM layer, the KV fraction line."""
+    """The whole terminal view: legend, one block per layer, the KV fraction lines."""
+    kinds = {lt.kind for lt in t.layers}
     source = "trained" if t.threshold_source == "trained" else "set by --threshold"
-    out = [f"ham-mlx inspect · model {t.model_name} · {len(t.ids)} tokens · τ {source}"]
+    tau = f" · τ {source}" if "ham" in kinds else ""
+    out = [f"ham-mlx inspect · model {t.model_name} · {len(t.ids)} tokens{tau}"]
+    gdn = " (gdn: surprise ≥ level)" if "gdn" in kinds else ""
     if color:
         swatches = " ".join(
             marker(k, True)[0](f" layer {lt.index} ") for k, lt in enumerate(t.layers)
         )
-        out.append(f"legend: stored tokens are highlighted in their layer's colour: {swatches}")
+        out.append(f"legend: stored tokens{gdn} are highlighted in their layer's colour: "
+                   f"{swatches}")  # fmt: skip
     else:
-        out.append("legend: [token] = stored in that layer's KV cache")
-    out.append("a token is stored when its surprise score ≥ the layer's τ; the others live")
-    out.append("only in the RNN state" + ("" if table else " (--table lists every score)"))
+        out.append(f"legend: [token] = stored in that layer's KV cache{gdn}")
+    if "ham" in kinds:
+        out.append("a token is stored when its surprise score ≥ the layer's τ; the others live")
+        out.append("only in the RNN state")
+    if "gdn" in kinds:
+        out += GDN_NOTE
+    if not table:
+        out.append("(--table lists every score)")
     for k, lt in enumerate(t.layers):
         out += ["", layer_header(t, lt)]
         mark, extra = marker(k, color)
