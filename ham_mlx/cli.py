@@ -38,6 +38,14 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def seed_value(text: str) -> int:
+    """An argparse type: a random seed, an integer in [0, 2**64)."""
+    value = int_at_least(0)(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be < 2**64, got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     """An argparse type: a fraction in (0, 1]."""
     try:
@@ -100,7 +108,7 @@ def add_sampling_arguments(g: argparse.ArgumentParser, max_tokens: int = 256) ->
                    help="drop tokens below min-p x top (0 = off; needs --temp > 0)")  # fmt: skip
     g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                    help="e.g. 1.1 (off)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=None, metavar="N",
+    g.add_argument("--seed", type=seed_value, default=None, metavar="N",
                    help="random seed for sampling (needs --temp > 0)")  # fmt: skip
     g.add_argument(
         "--stop", action="append", type=stop_text, default=[], metavar="STR",
@@ -208,7 +216,11 @@ def read_prompt(a: argparse.Namespace) -> str:
     if sys.stdin.isatty():
         print(f"ham-mlx {a.command}: reading the prompt from standard input, end it with Ctrl-D "
               "(or give --prompt TEXT)", file=sys.stderr, flush=True)  # fmt: skip
-    return sys.stdin.read()
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"the prompt on standard input is not {e.encoding}: byte "
+                         f"{e.object[e.start]:#04x} ({e.reason})") from None  # fmt: skip
 
 
 def check_model_has_ham(a: argparse.Namespace, model) -> None:
@@ -387,14 +399,15 @@ CONVERT_HELP = """\
 Convert a PyTorch checkpoint folder into a ham_mlx model folder.
 
 SRC is an HF-style folder: config.json with model_type "gated_deltanet" (FLA's
-GatedDeltaNetForCausalLM, optionally with softmax-attention layers through "attn") or "ham",
+GatedDeltaNetForCausalLM, optionally with softmax-attention layers through "attn"), "ham",
+or "qwen3_5" / "qwen3_5_text" (Qwen3.5's dense models; the vision tower is dropped),
 and weights as model.safetensors, shards + model.safetensors.index.json, pytorch_model.bin
 (+ index), or a single .pt/.pth. Torch files are read without torch, and their pickle is
 never allowed to run code: anything but tensors and dicts is refused.
 
 Supported: GDN and attention layers, HAM layers (any router), grouped value heads,
 allow_neg_eigval, tied embeddings, sliding windows, use_gate=false, sigmoid output gates.
-Refused, by name: attnres_block_size, conv biases, qkv biases / qk norms, other model types,
+Refused, by name: attnres_block_size, conv biases, qkv biases, other model types,
 unknown config keys or parameters.
 
 DST is written into a temporary folder beside it and then renamed: a failed or interrupted
@@ -567,6 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ham_mlx.inspector.cli import add_parser as add_inspect_parser
 
     add_inspect_parser(sub)
+
+    from ham_mlx.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     return p
 
 
