@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from ham_mlx.hf_tokenizer import write_hf_tokenizer
+from ham_mlx.json_tokenizer import HF_CONFIG, HF_TOKENIZER, JsonTokenizer
 from ham_mlx.model import Model, per_layer
 from ham_mlx.tokenizer import Tokenizer
 
@@ -76,7 +77,7 @@ def publish_modes(folder: Path) -> None:
 def export_onnx(
     model: str | os.PathLike[str] | Model,
     out_dir: str | os.PathLike[str],
-    tokenizer: Tokenizer | None = None,
+    tokenizer: Tokenizer | JsonTokenizer | None = None,
     threshold: float | list[float] | None = None,
     max_kv_tokens: int | None = None,
     dtype: str = "fp32",
@@ -131,10 +132,11 @@ def export_onnx(
     try:
         save_onnx(proto, tmp)
         if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
+            save_tokenizer(tokenizer, tmp)
         if genai:
             write_genai_config(tmp, model.args, ios, context_length)
-            write_hf_tokenizer(tmp / TOKENIZER_FILE, tmp)
+            if (tmp / TOKENIZER_FILE).is_file():
+                write_hf_tokenizer(tmp / TOKENIZER_FILE, tmp)
         result = ExportResult(out)
         if report:
             result.report, line = parity_report(
@@ -226,3 +228,15 @@ def parity_report(
     )
     summary = {k: r[k] for k in keep} | {"variant": name, "bytes": size}
     return summary, report_line(name, r, size)
+
+
+def save_tokenizer(tokenizer: Tokenizer | JsonTokenizer, folder: Path) -> None:
+    """A SentencePiece tokenizer as tokenizer.model; a tokenizer.json one as the files it was
+    read from (tokenizer.json and, when there is one, tokenizer_config.json)."""
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.save(folder / TOKENIZER_FILE)
+        return
+    source = Path(tokenizer.source).parent
+    for name in (HF_TOKENIZER, HF_CONFIG):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)

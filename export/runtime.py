@@ -44,7 +44,7 @@ from ham_mlx.generate import (
 )
 from ham_mlx.routers import get_router
 from ham_mlx.sample import make_logits_processors, make_sampler
-from ham_mlx.tokenizer import Tokenizer
+from ham_mlx.tokenizer import Tokenizer, load_tokenizer
 
 from .cache_io import LayerIO
 
@@ -417,12 +417,14 @@ def _row_ints(values: Sequence[int], name: str, batch: int) -> np.ndarray:
 
 
 def load(path: str | Path, **kwargs: Any) -> tuple[OnnxModel, Tokenizer]:
-    """An exported folder: (OnnxModel, Tokenizer) from model.onnx and tokenizer.model."""
+    """An exported folder: (OnnxModel, tokenizer) from model.onnx and tokenizer.model (or
+    tokenizer.json)."""
     model = OnnxModel(path, **kwargs)
-    tok_file = Path(path) / TOKENIZER_FILE
-    if not tok_file.is_file():
-        raise FileNotFoundError(f"{tok_file}: not found; the exported folder needs its tokenizer")
-    return model, Tokenizer.from_file(tok_file)
+    try:
+        tokenizer = load_tokenizer(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; the exported folder needs its tokenizer") from None
+    return model, tokenizer
 
 
 def stream_generate(
