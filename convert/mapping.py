@@ -166,24 +166,15 @@ def plan_weights(args: ModelArgs, model: Model, tensors: dict[str, LazyTensor]) 
             raise ConversionError(
                 f"{file}: layer {i} has {found} parameters but the config says it is {declared!r}"
             )
-    if args.tie_word_embeddings and "lm_head.weight" in source:
-        head, emb = source.pop("lm_head.weight"), source.get("model.embeddings.weight")
-        if emb is None or not np.array_equal(head.numpy(), emb.numpy()):
-            raise ConversionError(
-                f"{head.where}: tie_word_embeddings is true but lm_head.weight differs from "
-                "model.embeddings.weight"
-            )
+    if args.tie_word_embeddings:
+        drop_tied_head(source, "model.embeddings.weight")
     unknown = sorted(set(source) - set(expected))
     if unknown:
         raise ConversionError(
             f"{source[unknown[0]].where}: unknown parameter (not in a {'/'.join(args.layer_types)} "
             f"model of this config); {len(unknown)} unknown: {unknown[:5]}"
         )
-    missing = sorted(set(expected) - set(source))
-    if missing:
-        raise ConversionError(
-            f"checkpoint: missing parameter {missing[0]!r} ({len(missing)} missing: {missing[:5]})"
-        )
+    check_none_missing(expected, source)
     transpose = set()
     for name, t in source.items():
         check_dtype(t.dtype, t.where)
@@ -195,3 +186,24 @@ def plan_weights(args: ModelArgs, model: Model, tensors: dict[str, LazyTensor]) 
         elif t.shape != want:
             raise ConversionError(f"{t.where}: shape {t.shape}, the config needs {want}")
     return WeightPlan(source, transpose)
+
+
+def drop_tied_head(source: dict[str, LazyTensor], embedding_name: str) -> None:
+    """A tied checkpoint may still carry lm_head.weight: drop it if it equals the embedding
+    (named `embedding_name` in the error, as the checkpoint calls it)."""
+    if "lm_head.weight" not in source:
+        return
+    head, emb = source.pop("lm_head.weight"), source.get("model.embeddings.weight")
+    if emb is None or not np.array_equal(head.numpy(), emb.numpy()):
+        raise ConversionError(
+            f"{head.where}: tie_word_embeddings is true but lm_head.weight differs from "
+            f"{embedding_name}"
+        )
+
+
+def check_none_missing(expected: dict[str, tuple[int, ...]], source: dict[str, LazyTensor]) -> None:
+    missing = sorted(set(expected) - set(source))
+    if missing:
+        raise ConversionError(
+            f"checkpoint: missing parameter {missing[0]!r} ({len(missing)} missing: {missing[:5]})"
+        )

@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ham_mlx.config import ModelArgs
-from ham_mlx.convert.mapping import HF_FIELDS, WeightPlan
+from ham_mlx.convert.mapping import HF_FIELDS, WeightPlan, check_none_missing, drop_tied_head
 from ham_mlx.convert.tensors import FLOAT_DTYPES, ConversionError, LazyTensor, check_dtype
 from ham_mlx.model import Model
 
@@ -271,21 +271,12 @@ def plan_weights(args: ModelArgs, model: Model, tensors: dict[str, LazyTensor]) 
             if rest not in renames:
                 raise ConversionError(f"{t.where}: unknown tensor")
             sources[out + renames[rest]] = t
-    if args.tie_word_embeddings and "lm_head.weight" in sources:
-        head, emb = sources.pop("lm_head.weight"), sources.get("model.embeddings.weight")
-        if emb is None or not np.array_equal(head.numpy(), emb.numpy()):
-            raise ConversionError(
-                f"{head.where}: tie_word_embeddings is true but lm_head.weight differs from "
-                "embed_tokens.weight"
-            )
+    if args.tie_word_embeddings:
+        drop_tied_head(sources, "embed_tokens.weight")
     unknown = sorted(set(sources) - set(expected))
     if unknown:
         raise ConversionError(f"{sources[unknown[0]].where}: unknown parameter ({unknown[:5]})")
-    missing = sorted(set(expected) - set(sources))
-    if missing:
-        raise ConversionError(
-            f"checkpoint: missing parameter {missing[0]!r} ({len(missing)} missing: {missing[:5]})"
-        )
+    check_none_missing(expected, sources)
     for name, t in sources.items():
         want = expected[name]
         shape = (t.shape[0], t.shape[2], t.shape[1]) if name in transpose else t.shape

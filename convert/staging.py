@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ham_mlx.processes import running
+
 MARKER = "ham-mlx-staging.json"  # {"pid": ..., "host": ...}
 PAUSE_ENV = "HAM_MLX_STAGING_PAUSE"  # seconds slept once the folder exists (kill tests)
 
@@ -57,7 +59,7 @@ def remove_stale(dst: Path) -> list[Path]:
             pid, host = owner["pid"], owner["host"]
         except (OSError, ValueError, TypeError, KeyError):
             continue  # not provably ours
-        if host == _host() and isinstance(pid, int) and pid > 0 and not _running(pid):
+        if host == _host() and isinstance(pid, int) and pid > 0 and not running(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -65,16 +67,6 @@ def remove_stale(dst: Path) -> list[Path]:
 
 def _host() -> str:
     return socket.gethostname()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Terminated(SystemExit):

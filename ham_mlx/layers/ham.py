@@ -185,7 +185,9 @@ class HAMAttention(GatedDeltaNet):
             q_pos = rows.query_positions(L)
             settled = cache.buffer.settled_min()  # slots every row filled before this call
             cache.store(k, v, mx.stop_gradient(score), admitted, rows)
-            exact = not kernels.kernels_enabled()  # the ops attend the filled slots only
+            # prefill on the ops path attends the filled slots only (one host read); a decode
+            # step keeps the bound and needs no sync
+            exact = L > 1 and not kernels.kernels_enabled()
             keys, values, stored, positions, count = cache.fetch(exact)
             bias = key_bias(stored) if learned else None
             kv_out = cached_admitted_attention(

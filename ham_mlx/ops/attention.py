@@ -95,15 +95,26 @@ def compact_attention(
     head j // (HV // H).
     Returns `[B, HV, L, Dv]`. This is the plain-ops twin of the admitted-attention kernel.
     """
-    H, HV = q.shape[1], values.shape[1]
-    if HV != H:
-        q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
-    n = keys.shape[2]
-    valid = mx.arange(n)[None, :] < counts[:, None]  # [B, n]
+    q, keys = _repeat_for_value_heads(q, keys, values.shape[1])
+    mask = _slot_mask(counts, key_positions, query_positions, 0, keys.shape[2])[:, None]
+    return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)  # mask [B,1,L,n]
+
+
+def _repeat_for_value_heads(q: mx.array, keys: mx.array, HV: int) -> tuple[mx.array, mx.array]:
+    """q `[B, H, L, Dk]`, keys `[B, H, n, Dk]` repeated so that value head j reads q/k head
+    j // (HV // H)."""
+    H = q.shape[1]
+    if HV == H:
+        return q, keys
+    return mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
+
+
+def _slot_mask(counts, key_positions, query_positions, start: int, end: int) -> mx.array:
+    """`[B, L, end - start]`: query i sees slot j of row b iff j < counts[b] and
+    key_positions[b, j] <= query_positions[(b,) i]."""
     q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]  # [B|1, L]
-    causal = key_positions[:, None, :] <= q_pos[:, :, None]  # [B, L, n]
-    mask = (valid[:, None, :] & causal)[:, None]  # [B, 1, L, n]
-    return masked_attention(q, keys, values, mask, log_scale, sink, key_bias)
+    filled = mx.arange(start, end)[None, :] < counts[:, None]  # [B, end - start]
+    return filled[:, None, :] & (key_positions[:, None, start:end] <= q_pos[:, :, None])
 
 
 LOG2E = 1.4426950408889634
@@ -143,10 +154,9 @@ def chunk_attention(
     is cheaper than e^x on the CPU), o = (p @ [v; 0]) / Σ p. Masked logits are -inf, so a query
     with no admitted key gets exactly 0. Needs `fits_exp2`. Returns `[B, HV, L, Dv]`.
     """
-    B, H, L, Dk = q.shape
+    B, _, L, Dk = q.shape
     HV, n = values.shape[1], keys.shape[2]
-    if HV != H:
-        q, keys = mx.repeat(q, HV // H, axis=1), mx.repeat(keys, HV // H, axis=1)
+    q, keys = _repeat_for_value_heads(q, keys, HV)
     f32 = mx.float32
     s = mx.exp(log_scale.astype(f32))  # [HV]
     m = mx.maximum(s, sink.astype(f32))
@@ -163,11 +173,7 @@ def chunk_attention(
     kx = mx.concatenate([mx.concatenate([keys.astype(f32), shift], axis=-1), sink_key], axis=2)
     logits = qx @ kx.swapaxes(-1, -2)  # [B, HV, L, n+1], base 2, shifted
     if settled < n:
-        q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]
-        slot = mx.arange(settled, n)
-        late = (slot[None, :] < counts[:, None])[:, None, :] & (
-            key_positions[:, None, settled:n] <= q_pos[:, :, None]
-        )  # [B, L, n - settled]
+        late = _slot_mask(counts, key_positions, query_positions, settled, n)  # [B, L, n-settled]
         logits[..., settled:n] = mx.where(late[:, None], logits[..., settled:n], -mx.inf)
     p = mx.power(2.0, logits)
     vx = mx.concatenate([values.astype(f32), mx.zeros((B, HV, 1, values.shape[3]), f32)], axis=2)

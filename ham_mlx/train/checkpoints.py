@@ -23,6 +23,7 @@ import mlx.core as mx
 
 from ham_mlx.model import Model
 from ham_mlx.model_io import load_model, save_model
+from ham_mlx.processes import running
 from ham_mlx.tokenizer import Tokenizer
 
 OPTIMIZER = "optimizer.safetensors"
@@ -92,15 +93,7 @@ def remove_stale(root: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid == os.getpid() or running(pid)
 
 
 def read(path: Path, expected: set[str]) -> Checkpoint:
