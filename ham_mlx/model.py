@@ -17,6 +17,7 @@ from ham_mlx.config import ModelArgs
 from ham_mlx.layers.attention import Attention
 from ham_mlx.layers.gdn import GatedDeltaNet
 from ham_mlx.layers.ham import HAMAttention
+from ham_mlx.ops import fast_math
 
 FP32_PARAMS = ("A_log", "dt_bias", "threshold")  # kept in float32 whatever the model dtype
 
@@ -29,7 +30,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fast_math.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):

@@ -162,3 +162,33 @@ def test_gradients_match_plain_ops():
     for a, b in zip(grads, expected):
         assert bool(mx.all(mx.isfinite(a)))
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_bias", [False, True], ids=["bool-mask", "router-bias"])
+def test_cpu_softmax_form_matches_mlx_sdpa(use_bias, monkeypatch):
+    """On the CPU, masked_attention writes the softmax out with fast_math.exp; its twin is
+    mx.fast.scaled_dot_product_attention (HAM_MLX_NO_FAST_MATH=1). Outputs and gradients."""
+    inputs = list(make_inputs(7, 7, seed=14))
+    if not use_bias:
+        inputs[5] = None
+    mask = random_mask(7, 7, seed=15, empty_rows=(0, 4)) & mx.tril(mx.ones((7, 7), mx.bool_))
+    w = mx.random.normal((B, N, 7, DV))
+    argnums = [0, 1, 2, 3, 4] + ([5] if use_bias else [])
+
+    def run():
+        def loss(*a):
+            full = list(a) + ([] if use_bias else [None])
+            q, k, v, s, z, kb = full
+            return (masked_attention(q, k, v, mask, s, z, kb) * w).sum()
+
+        out = masked_attention(*inputs[:3], mask, *inputs[3:])
+        args = inputs if use_bias else inputs[:5]
+        return out, mx.grad(loss, argnums=argnums)(*args)
+
+    fast_out, fast_grads = run()
+    monkeypatch.setenv("HAM_MLX_NO_FAST_MATH", "1")
+    twin_out, twin_grads = run()
+    assert bool(mx.all(fast_out[:, :, [0, 4]] == 0.0))
+    np.testing.assert_allclose(np.array(fast_out), np.array(twin_out), atol=2e-6, rtol=1e-5)
+    for a, b in zip(fast_grads, twin_grads):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-6, rtol=1e-4)

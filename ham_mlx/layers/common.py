@@ -7,8 +7,9 @@ import os
 from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+
+from ham_mlx.ops import fast_math
 
 # One-token decode of GDN/HAM layers runs a fixed-shape step function (`decode_step` in gdn.py
 # and ham.py) instead of the general path, mx.compile'd so that its elementwise ops fuse.
@@ -46,7 +47,7 @@ def causal_short_conv(
     B, L, C = x.shape
     Kc = weight.shape[1]
     if Kc == 1:
-        return nn.silu(x * weight[:, 0, 0]), None
+        return fast_math.silu(x * weight[:, 0, 0]), None
     if prev is None:
         prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype)
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)  # [B, Kc-1+L, C]
@@ -55,9 +56,9 @@ def causal_short_conv(
     for i in range(1, Kc):
         y = y + xp[:, i : i + L] * w[i : i + 1]
     if ends is None or (ends == L).all():
-        return nn.silu(y), xp[:, -(Kc - 1) :]
+        return fast_math.silu(y), xp[:, -(Kc - 1) :]
     index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
-    return nn.silu(y), mx.take_along_axis(xp, index[..., None], axis=1)
+    return fast_math.silu(y), mx.take_along_axis(xp, index[..., None], axis=1)
 
 
 def gated_rms_norm(
@@ -67,7 +68,7 @@ def gated_rms_norm(
     y = mx.fast.rms_norm(x, weight, eps)
     if gate is None:
         return y
-    return y * (mx.sigmoid(gate) if activation == "sigmoid" else nn.silu(gate))
+    return y * (fast_math.sigmoid(gate) if activation == "sigmoid" else fast_math.silu(gate))
 
 
 def check_cache(cache: object, expected: type, layer: str) -> None:

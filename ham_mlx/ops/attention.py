@@ -10,6 +10,7 @@ import numpy as np
 
 from ham_mlx import kernels
 from ham_mlx.kernels import attention as attention_kernel
+from ham_mlx.ops import fast_math
 
 
 def masked_attention(
@@ -28,6 +29,8 @@ def masked_attention(
     Returns `[B, N, Tq, Dv]` in q's dtype.
     """
     q = q * mx.exp(log_scale.astype(mx.float32)).astype(q.dtype)[:, None, None]
+    if q.dtype == mx.float32 and fast_math.enabled():
+        return softmax_attention(q, k, v, mask, sink, key_bias)
     if key_bias is not None:
         # Finite fill: a fully masked row then ties at a huge negative logit that the sink beats.
         fill = -0.5 * mx.finfo(q.dtype).max
@@ -35,6 +38,28 @@ def masked_attention(
     return mx.fast.scaled_dot_product_attention(
         q, k, v, scale=1.0, mask=mask, sinks=sink.astype(q.dtype)
     )
+
+
+def softmax_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    mask: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+) -> mx.array:
+    """`masked_attention` with q already scaled, the softmax written out with `fast_math.exp`
+    (the CPU form, float32; its twin is `mx.fast.scaled_dot_product_attention`). A query with no
+    allowed key has only -inf logits: m is the sink, p is 0 and the output exactly 0."""
+    logits = q @ k.swapaxes(-1, -2)  # [B, N, Tq, Tk]
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].astype(logits.dtype)
+    logits = mx.where(mask, logits, -mx.inf)
+    sink = sink.astype(logits.dtype)[:, None, None]  # [N, 1, 1]
+    m = mx.stop_gradient(mx.maximum(mx.max(logits, axis=-1, keepdims=True), sink))
+    p = fast_math.exp(logits - m)
+    denom = mx.sum(p, axis=-1, keepdims=True) + fast_math.exp(sink - m)
+    return (p @ v) / denom
 
 
 def admitted_attention(
@@ -175,7 +200,7 @@ def chunk_attention(
     if settled < n:
         late = _slot_mask(counts, key_positions, query_positions, settled, n)  # [B, L, n-settled]
         logits[..., settled:n] = mx.where(late[:, None], logits[..., settled:n], -mx.inf)
-    p = mx.power(2.0, logits)
+    p = fast_math.exp2(logits)
     vx = mx.concatenate([values.astype(f32), mx.zeros((B, HV, 1, values.shape[3]), f32)], axis=2)
     return ((p @ vx) / p.sum(axis=-1, keepdims=True)).astype(q.dtype)
 
@@ -209,7 +234,7 @@ def buffer_attention(
     logits = mx.where(valid, logits, -mx.inf)
     sink = sink.astype(q.dtype)[:, None]  # [HV, 1]
     m = mx.maximum(mx.max(logits, axis=-1, keepdims=True), sink)  # [B, HV, 1]
-    p = mx.exp(logits - m)  # [B, HV, n]
+    p = fast_math.exp(logits - m)  # [B, HV, n]
     denom = mx.sum(p, axis=-1, keepdims=True) + mx.exp(sink - m)
     return (p[:, :, None, :] @ values)[:, :, 0, :] / denom  # [B, HV, Dv]
 
@@ -222,7 +247,7 @@ def gated_output(o: mx.array, gate: mx.array, weight: mx.array, eps: float) -> m
     """
     o = o.transpose(0, 2, 1, 3).astype(mx.float32)
     o = mx.fast.rms_norm(o, weight.astype(mx.float32), eps)
-    return mx.sigmoid(gate.astype(mx.float32))[..., None] * o
+    return fast_math.sigmoid(gate.astype(mx.float32))[..., None] * o
 
 
 def cached_admitted_attention(

@@ -12,12 +12,21 @@ Shapes: q, k `[B, T, H, Dk]` (q l2-normalised and scaled by Dk**-0.5, k l2-norma
 GVA: value head j reads q/k head j // (HV // H). All arithmetic is float32.
 """
 
+import os
+from functools import partial
+
 import mlx.core as mx
 
 from ham_mlx import kernels
 from ham_mlx.kernels import scan as scan_kernel
 
 SEQUENTIAL_MAX_T = 8  # measured crossover on Linux CPU (B=1..8, HV=4..16, Dk=64, Dv=128)
+
+
+def autodiff_requested() -> bool:
+    """HAM_MLX_AUTODIFF_SCAN=1: the chunked scan's gradient by MLX's autodiff of its forward (the
+    twin of the written-out gradient; read when a function is traced)."""
+    return os.environ.get("HAM_MLX_AUTODIFF_SCAN", "") not in ("", "0")
 
 
 def _prepare(q, k, v, g, beta, state):
@@ -105,6 +114,20 @@ def _unit_lower_inverse(L: mx.array, block: int = 16) -> mx.array:
     return mx.concatenate([top, mx.concatenate([C, D_inv], axis=-1)], axis=-2)
 
 
+@mx.custom_function
+def unit_lower_inverse(L: mx.array) -> mx.array:
+    """`_unit_lower_inverse` with its gradient written out: for X = (I + L)^-1,
+    dX = -X dL X, so the cotangent of L is -Xᵀ X̄ Xᵀ, kept strictly lower (L's only entries)."""
+    return _unit_lower_inverse(L)
+
+
+@unit_lower_inverse.vjp
+def _unit_lower_inverse_vjp(primals, cotangent, output):
+    Xt = output.swapaxes(-1, -2)
+    n = output.shape[-1]
+    return (-(Xt @ cotangent @ Xt) * mx.tri(n, k=-1, dtype=output.dtype),)
+
+
 def gated_delta_chunked(
     q: mx.array,
     k: mx.array,
@@ -113,6 +136,7 @@ def gated_delta_chunked(
     beta: mx.array,
     state: mx.array | None = None,
     chunk_size: int = 64,
+    autodiff: bool | None = None,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Chunked (WY/UT) form: same result as `gated_delta_sequential`, differentiable.
 
@@ -125,6 +149,9 @@ def gated_delta_chunked(
     A, Aq, W and U are computed for all chunks at once; the carry through the chunks reads each
     S0 for four [.., C or 2C, Dk or C] products whose operands stay in cache, instead of
     materialising the per-chunk [Dk, Dk] and [2C, Dk] transition matrices.
+
+    The gradient is written out (`_chunks_vjp`, the carry run backwards, then all chunks at once);
+    autodiff=True lets MLX differentiate the forward instead (its twin; None: `autodiff_requested`).
     """
     q, k, v, g, beta, S = _prepare(q, k, v, g, beta, state)
     B, T, HV, Dk = k.shape
@@ -141,34 +168,137 @@ def gated_delta_chunked(
         return x.transpose(1, 0, 3, 2, *range(4, x.ndim))
 
     qk = mx.concatenate([chunks(q), chunks(k)], axis=-2)  # [NC, B, HV, 2C, Dk]: [q; k]
-    k = qk[..., C:, :]  # [NC, B, HV, C, Dk]
     v = mx.contiguous(chunks(v))  # [NC, B, HV, C, Dv]
     g, beta = chunks(g)[..., None], chunks(beta)[..., None]  # [NC, B, HV, C, 1]
+    autodiff = autodiff_requested() if autodiff is None else autodiff
+    core = partial(_chunks_forward, autodiff=True) if autodiff else _chunks
+    out, S_end = core(qk, v, g, beta, S.swapaxes(-1, -2))[:2]  # out: [NC, B, HV, 2C, Dv]
 
+    def steps(x):  # [NC, B, HV, C, Dv] -> [B, T, HV, Dv]
+        return x.transpose(1, 0, 3, 2, 4).reshape(B, NC * C, HV, -1)[:, :T]
+
+    return steps(out[..., :C, :]), steps(out[..., C:, :]), S_end.swapaxes(-1, -2)
+
+
+def _chunk_terms(qk, v, g, beta, autodiff: bool = False):
+    """Everything the carry needs, for all chunks at once: D, gamma, [Aq; A], (I + beta A)^-1,
+    [gamma q; gamma k], W, U, D[C, s] k_sᵀ and gamma_C (shapes in `_chunks_forward`)."""
+    C = v.shape[-2]
+    k = qk[..., C:, :]  # [NC, B, HV, C, Dk]
     # D[t, s] = prod_{s < r <= t} alpha_r by cumprod: no overflow, and mx.exp is slow on CPU.
     alpha = mx.exp(g)
     strict = mx.tri(C, k=-1)  # s < t
     D = mx.cumprod(mx.where(strict.astype(mx.bool_), alpha, 1.0), axis=-2) * mx.tri(C)
     gamma = mx.cumprod(alpha, axis=-2)  # [NC, B, HV, C, 1]
     AA = mx.concatenate([D, D * strict], axis=-2) * (qk @ k.swapaxes(-1, -2))  # [Aq; A]
-    Tinv = _unit_lower_inverse(beta * AA[..., C:, :])  # [NC, B, HV, C, C]
+    inverse = _unit_lower_inverse if autodiff else unit_lower_inverse
+    Tinv = inverse(beta * AA[..., C:, :])  # [NC, B, HV, C, C]
     gqk = mx.concatenate([gamma, gamma], axis=-2) * qk  # [gamma q; gamma k]: [NC, B, HV, 2C, Dk]
     W = Tinv @ (beta * gqk[..., C:, :])  # [NC, B, HV, C, Dk]
     U = Tinv @ (beta * v)  # [NC, B, HV, C, Dv]
     dkt = (D[..., -1, :, None] * k).swapaxes(-1, -2)  # D[C, s] k_s: [NC, B, HV, Dk, C]
-    gamma_end = gamma[..., -1:, :]  # [NC, B, HV, 1, 1]
+    return D, gamma, AA, Tinv, gqk, W, U, dkt, gamma[..., -1:, :]
 
-    St = S.swapaxes(-1, -2)  # [B, HV, Dk, Dv]
-    o, v_hat = [], []
-    for c in range(NC):
+
+def _chunks_forward(qk, v, g, beta, St, autodiff: bool = False):
+    """The chunked scan on chunked inputs: qk [NC, B, HV, 2C, Dk] ([q; k] per chunk), v
+    [NC, B, HV, C, Dv], g, beta [NC, B, HV, C, 1], St [B, HV, Dk, Dv] (the state transposed).
+    Returns out [NC, B, HV, 2C, Dv] ([o; v̂] per chunk) and the last state transposed."""
+    terms = _chunk_terms(qk, v, g, beta, autodiff)
+    out, St, _, _ = _carry(terms, St, keep=False)
+    return out, St
+
+
+def _carry(terms, St, keep: bool):
+    """Run the state through the chunks; keep: also return each chunk's start state and u
+    [NC, B, HV, Dk | C, Dv] (what the gradient reads)."""
+    _, _, AA, _, gqk, W, U, dkt, gamma_end = terms
+    out, starts, us = [], [], []
+    for c in range(AA.shape[0]):
         u = mx.addmm(U[c], W[c], St, alpha=-1.0)  # U - W S0ᵀ: [B, HV, C, Dv]
-        out = mx.addmm(AA[c] @ u, gqk[c], St)  # [B, HV, 2C, Dv]: [o; v̂]
-        o.append(out[..., :C, :].swapaxes(1, 2))  # [B, C, HV, Dv]
-        v_hat.append(out[..., C:, :].swapaxes(1, 2))
+        out.append(mx.addmm(AA[c] @ u, gqk[c], St))  # [B, HV, 2C, Dv]: [o; v̂]
+        if keep:
+            starts.append(St)
+            us.append(u)
         St = gamma_end[c] * St + dkt[c] @ u
-    o = mx.concatenate(o, axis=1)[:, :T]  # [B, T, HV, Dv]
-    v_hat = mx.concatenate(v_hat, axis=1)[:, :T]
-    return o, v_hat, St.swapaxes(-1, -2)
+    if not keep:
+        return mx.stack(out), St, None, None
+    return mx.stack(out), St, mx.stack(starts), mx.stack(us)
+
+
+@mx.custom_function
+def _chunks(qk, v, g, beta, St):
+    return _chunks_forward(qk, v, g, beta, St)
+
+
+@_chunks.vjp
+def _chunks_vjp(primals, cotangents, outputs):
+    """The gradient of `_chunks_forward` (see gated_delta_chunked's equations). The carry runs
+    backwards with two products per chunk; everything else is batched over the chunks."""
+    qk, v, g, beta, St0 = primals
+    d_out, d_end = cotangents[0], cotangents[1]
+    C = v.shape[-2]
+    terms = _chunk_terms(qk, v, g, beta)  # recomputed: the forward keeps nothing for it
+    D, gamma, AA, Tinv, gqk, W, U, dkt, gamma_end = terms
+    _, _, starts, us = _carry(terms, St0, keep=True)  # [NC, B, HV, Dk, Dv], [NC, B, HV, C, Dv]
+    T = lambda x: x.swapaxes(-1, -2)  # noqa: E731
+
+    # The carry, backwards: dS is the cotangent of the state after chunk c.
+    du_out = T(AA) @ d_out  # [NC, B, HV, C, Dv]: the part of du that is not carried
+    dS_out = T(gqk) @ d_out  # [NC, B, HV, Dk, Dv]
+    dS = mx.zeros_like(St0) if d_end is None else d_end
+    du_list, dS_list = [], []
+    for c in reversed(range(qk.shape[0])):
+        du = du_out[c] + T(dkt[c]) @ dS  # [B, HV, C, Dv]
+        dS_list.append(dS)
+        du_list.append(du)
+        dS = gamma_end[c] * dS + dS_out[c] - T(W[c]) @ du
+    dS0 = dS
+    du = mx.stack(du_list[::-1])  # [NC, B, HV, C, Dv]
+    dS_after = mx.stack(dS_list[::-1])  # [NC, B, HV, Dk, Dv]
+
+    d_gqk = d_out @ T(starts)  # [NC, B, HV, 2C, Dk]
+    d_AA = d_out @ T(us)  # [NC, B, HV, 2C, C]
+    d_dkt = dS_after @ T(us)  # [NC, B, HV, Dk, C]
+    d_gamma_end = mx.sum(dS_after * starts, axis=(-2, -1))[..., None, None]  # [NC, B, HV, 1, 1]
+    dW = -(du @ T(starts))  # [NC, B, HV, C, Dk]
+    dU = du
+
+    # W = Tinv (beta gamma k), U = Tinv (beta v), Tinv = (I + beta A)^-1.
+    kg = gqk[..., C:, :]
+    dBk, dBv = T(Tinv) @ dW, T(Tinv) @ dU
+    d_beta = mx.sum(dBk * kg, axis=-1, keepdims=True) + mx.sum(dBv * v, axis=-1, keepdims=True)
+    dv = beta * dBv
+    d_gqk = mx.concatenate([d_gqk[..., :C, :], d_gqk[..., C:, :] + beta * dBk], axis=-2)
+    dT = dW @ T(beta * kg) + dU @ T(beta * v)  # [NC, B, HV, C, C]
+    strict = mx.tri(C, k=-1)
+    dM = -(T(Tinv) @ dT @ T(Tinv)) * strict  # cotangent of beta A (strictly lower)
+    A = AA[..., C:, :]
+    d_beta = d_beta + mx.sum(dM * A, axis=-1, keepdims=True)
+    d_AA = d_AA * mx.concatenate([mx.tri(C), strict], axis=-2)
+    d_AA = mx.concatenate([d_AA[..., :C, :], d_AA[..., C:, :] + beta * dM], axis=-2)
+
+    # [Aq; A] = [D; D strict] * (qk kᵀ);  gqk = [gamma; gamma] * qk;  dkt = (D[C, :] k)ᵀ.
+    k = qk[..., C:, :]
+    Dcat = mx.concatenate([D, D * strict], axis=-2)  # [NC, B, HV, 2C, C]
+    P = qk @ T(k)
+    dP = d_AA * Dcat
+    gamma2 = mx.concatenate([gamma, gamma], axis=-2)
+    d_qk = dP @ k + gamma2 * d_gqk  # [NC, B, HV, 2C, Dk]
+    d_k = T(dP) @ qk + D[..., -1, :, None] * T(d_dkt)  # [NC, B, HV, C, Dk]
+    d_qk = mx.concatenate([d_qk[..., :C, :], d_qk[..., C:, :] + d_k], axis=-2)
+    dD = (d_AA[..., :C, :] * P[..., :C, :] + d_AA[..., C:, :] * P[..., C:, :]) * strict
+    last_row = mx.sum(T(d_dkt) * k, axis=-1)[..., None, :]  # [NC, B, HV, 1, C]: d D[C, s]
+    dD = mx.concatenate([dD[..., :-1, :], dD[..., -1:, :] + last_row * strict[-1:]], axis=-2)
+    d_gamma = mx.sum(d_gqk * qk, axis=-1, keepdims=True)  # [NC, B, HV, 2C, 1]
+    d_gamma = d_gamma[..., :C, :] + d_gamma[..., C:, :]
+    d_gamma = mx.concatenate([d_gamma[..., :-1, :], d_gamma[..., -1:, :] + d_gamma_end], axis=-2)
+
+    # D[t, s] = exp(G_t - G_s), gamma_t = exp(G_t), G = cumsum(g): dG, then dg = reverse cumsum.
+    E = dD * D
+    dG = d_gamma * gamma + mx.sum(E, axis=-1, keepdims=True) - T(mx.sum(E, axis=-2, keepdims=True))
+    dg = mx.cumsum(dG, axis=-2, reverse=True)
+    return d_qk, dv, dg, d_beta, dS0
 
 
 def gated_delta(

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from ham_mlx.config import ModelArgs
 from ham_mlx.model import Model
 from ham_mlx.model_io import load_model, save_model
+from ham_mlx.ops import fast_math
 from ham_mlx.presets import PRESETS, preset_args
 from ham_mlx.tokenizer import Tokenizer
 from ham_mlx.train import checkpoints
@@ -42,11 +43,20 @@ def build_model(spec: dict[str, Any], vocab_size: int) -> Model:
     return Model(ModelArgs(**spec))
 
 
+def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
+    """-log softmax(logits)[target] per position, float32 `[B, L]`, with the log-sum-exp's exp
+    from `fast_math` (twin: `nn.losses.cross_entropy`)."""
+    logits = logits.astype(mx.float32)  # [B, L, V]
+    m = mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+    lse = mx.log(mx.sum(fast_math.exp(logits - m), axis=-1)) + m[..., 0]
+    return lse - mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def loss_fn(model: Model, x: mx.array, y: mx.array, mask: mx.array):
     """Mean cross entropy over the masked positions; also each HAM layer's scores."""
     scores: list[mx.array] = []
     logits = model(x, scores=scores)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), y)  # [B, L]
+    ce = cross_entropy(logits, y)  # [B, L]
     loss = (ce * mask).sum() / mask.sum()
     return loss, scores
 
@@ -167,7 +177,7 @@ class Trainer:
             x, y, mask = self._arrays(self.batches.eval_batch(i, self.micro_size))
             scores: list[mx.array] = []
             logits = self.model(x, scores=scores)
-            ce = nn.losses.cross_entropy(logits.astype(mx.float32), y)
+            ce = cross_entropy(logits, y)
             losses.append(float((ce * mask).sum() / mask.sum()))
             hits = (mx.argmax(logits, axis=-1) == y).astype(mx.float32) * mask
             correct += float(hits.sum())
