@@ -118,6 +118,8 @@ def convert(
     tokenizer_files = [n for n in TOKENIZER_FILES if (folder / n).is_file()]
     if TOKENIZER in tokenizer_files:
         check_tokenizer(folder / TOKENIZER, args.vocab_size)
+    elif "tokenizer.json" in tokenizer_files:
+        check_json_tokenizer(folder, args.vocab_size)
 
     model = Model(args)  # lazy: the random initialisation is never computed
     plan = (source.plan_weights if source else plan_weights)(args, model, tensors)
@@ -197,6 +199,23 @@ def check_tokenizer(file: Path, vocab_size: int) -> None:
     if tok.vocab_size > vocab_size:
         raise ConversionError(
             f"{file}: {tok.vocab_size} pieces but the model's vocab_size is {vocab_size}"
+        )
+
+
+def check_json_tokenizer(folder: Path, vocab_size: int) -> None:
+    """tokenizer.json (with tokenizer_config.json's added tokens) must load and fit the
+    embeddings: more ids than rows would fail at the first such token, long after conversion."""
+    from ham_mlx.json_tokenizer import JsonTokenizer
+
+    file = folder / "tokenizer.json"
+    try:
+        tok = JsonTokenizer.from_folder(folder)
+    except (ValueError, OSError, KeyError) as e:
+        raise ConversionError(str(e) if str(file) in str(e) else f"{file}: {e}") from None
+    if tok.vocab_size > vocab_size:
+        raise ConversionError(
+            f"{file}: token ids up to {tok.vocab_size - 1} but the model's vocab_size is "
+            f"{vocab_size}"
         )
 
 

@@ -25,7 +25,8 @@ ATTN_DEFAULTS = {
 ATTN_OUTPUT_GATES = (None, "sigmoid")
 # Fields of FLA configs that do not change the math of a forward pass.
 IGNORED_FLA_FIELDS = {
-    "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "use_l2warp",
+    "architectures", "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy",
+    "fuse_linear_cross_entropy", "use_l2warp",
     "initializer_range", "max_position_embeddings", "use_cache", "torch_dtype",
     "dtype", "transformers_version", "auto_map",
 }  # fmt: skip

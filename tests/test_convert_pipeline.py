@@ -124,6 +124,30 @@ def test_tokenizer_files_are_copied_and_checked(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_tokenizer_json_is_checked_against_the_embeddings(tmp_path):
+    """A folder whose tokenizer is tokenizer.json: the tokenizer must load and fit vocab_size."""
+    from ham_mlx.model_io import default_model_path
+
+    src = tmp_path / "src"
+    shutil.copytree(FLA / "gdn", src, ignore=shutil.ignore_patterns("oracle.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_path() / name, src / name)  # 2048 ids > vocab 96
+    with pytest.raises(ConversionError, match="tokenizer.json: token ids up to 2047 but the "
+                                              "model's vocab_size is 96"):  # fmt: skip
+        convert(src, tmp_path / "bad")
+    (src / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConversionError, match="tokenizer.json"):
+        convert(src, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_fla_fields_ignored_by_the_config_reader_are_the_converters():
+    from ham_mlx.config import IGNORED_FLA_FIELDS
+    from ham_mlx.convert import fla_keys
+
+    assert set(fla_keys.IGNORED) <= IGNORED_FLA_FIELDS
+
+
 def ham_source(tmp_path, tie=False, **kw) -> Path:
     """A small HAM/GDN/attn model with the bundled tokenizer, saved as a ham_mlx folder."""
     tok = Tokenizer.from_file(bundled_tokenizer_path())
