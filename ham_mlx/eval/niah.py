@@ -86,6 +86,12 @@ def make_sample(
     while chosen and len(tokenizer.encode(prompt, add_bos=True)) > length:
         chosen.pop()
         prompt = compose(chosen)
+    shortest = len(tokenizer.encode(prompt, add_bos=True))
+    if shortest > length:
+        raise ValueError(
+            f"niah {task}: a context of {length} tokens cannot hold the task's own text "
+            f"({shortest} tokens with no filler); use lengths of at least {shortest}"
+        )
     return prompt, value
 
 
