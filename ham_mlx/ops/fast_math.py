@@ -43,9 +43,20 @@ def _pow2(y: mx.array) -> mx.array:
     return p * scale
 
 
+# Compiled (fused) even when called outside mx.compile: run op by op, these forms would be slower
+# than MLX's own functions (mx.compile traces once per input shape).
+_exp2_fused = mx.compile(_pow2)
+_exp_fused = mx.compile(lambda x: _pow2(x * LOG2E))
+_sigmoid_fused = mx.compile(lambda x: 1.0 / (1.0 + _pow2(x * -LOG2E)))
+_silu_fused = mx.compile(lambda x: x / (1.0 + _pow2(x * -LOG2E)))
+_silu_grad_fused = mx.compile(
+    lambda x, c: c * (_sigmoid_fused(x) * (1.0 + x * (1.0 - _sigmoid_fused(x))))
+)
+
+
 @mx.custom_function
 def _exp2_cpu(y: mx.array) -> mx.array:
-    return _pow2(y)
+    return _exp2_fused(y)
 
 
 @_exp2_cpu.vjp
@@ -55,7 +66,7 @@ def _exp2_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _exp_cpu(x: mx.array) -> mx.array:
-    return _pow2(x * LOG2E)
+    return _exp_fused(x)
 
 
 @_exp_cpu.vjp
@@ -65,7 +76,7 @@ def _exp_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _sigmoid_cpu(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + _pow2(x * -LOG2E))
+    return _sigmoid_fused(x)
 
 
 @_sigmoid_cpu.vjp
@@ -75,14 +86,13 @@ def _sigmoid_vjp(primals, cotangent, output):
 
 @mx.custom_function
 def _silu_cpu(x: mx.array) -> mx.array:
-    return x / (1.0 + _pow2(x * -LOG2E))
+    return _silu_fused(x)
 
 
 @_silu_cpu.vjp
 def _silu_vjp(primals, cotangent, output):
     x = primals[0] if isinstance(primals, (tuple, list)) else primals  # one input: the array
-    s = 1.0 / (1.0 + _pow2(x * -LOG2E))
-    return (cotangent * (s * (1.0 + x * (1.0 - s))),)
+    return (_silu_grad_fused(x, cotangent),)
 
 
 def _use_fast(x: mx.array) -> bool:
