@@ -32,8 +32,9 @@ def recorded_call(call, *args):
     return seen
 
 
-def emulate(kernel, names, outputs, call, *args):
-    """Generate the Metal source of `call(kernel, *args)` and run it under the emulation."""
+def emulate(kernel, names, outputs, call, *args, sanitize=False):
+    """Generate the Metal source of `call(kernel, *args)` and run it under the emulation
+    (`sanitize`: built with AddressSanitizer, so a read outside a buffer fails)."""
     kw = recorded_call(call, *args)
     src = kernel_source(
         kernel, inputs=kw["inputs"], template=kw["template"], grid=kw["grid"],
@@ -45,7 +46,9 @@ def emulate(kernel, names, outputs, call, *args):
         for n, x in zip(names, kw["inputs"])
     }
     outs = {n: (tuple(s), np.float32) for n, s in zip(outputs, kw["output_shapes"])}
-    result, counters = run_kernel(src, inputs, outs, kw["grid"], kw["threadgroup"])
+    result, counters = run_kernel(
+        src, inputs, outs, kw["grid"], kw["threadgroup"], sanitize=sanitize
+    )
     return src, kw, [result[n] for n in outputs], counters
 
 
@@ -137,13 +140,53 @@ def attention_case(B, H, HV, L, N, Dk, Dv, counts, bias, seed=0, dtype=mx.float3
     )  # fmt: skip
 
 
-def expected_visits(args):
-    """Keys each (row, head, query) walks: the admitted entries at or before its position."""
+def visit_inputs(args):
+    """Counts `[B]`, key positions `[B, N]`, query positions `[L]` and HV of attention args."""
     counts, pos, q_pos = (np.array(a) for a in args[3:6])
-    HV = args[2].shape[1]
+    return counts, pos, q_pos, args[2].shape[1]
+
+
+def admitted_at_or_before(counts, pos, b, position):
+    """Admitted entries of row b whose position is <= `position`."""
+    return int(np.sum(pos[b, : counts[b]] <= position))
+
+
+def per_query_visits(args):
+    """Keys a walk per (row, head, query) visits: the admitted entries at or before the query."""
+    counts, pos, q_pos, HV = visit_inputs(args)
     return HV * sum(
-        int(np.sum(pos[b, : counts[b]] <= qp)) for b in range(len(counts)) for qp in q_pos
+        admitted_at_or_before(counts, pos, b, qp) for b in range(len(counts)) for qp in q_pos
     )
+
+
+def tile_visits(args, QT):
+    """Keys a walk per (row, head, tile of QT queries) visits: the admitted entries at or before
+    the tile's last (largest) query position."""
+    counts, pos, q_pos, HV = visit_inputs(args)
+    tiles = [q_pos[s : s + QT] for s in range(0, len(q_pos), QT)]
+    return HV * sum(
+        admitted_at_or_before(counts, pos, b, tile.max())
+        for b in range(len(counts))
+        for tile in tiles
+    )
+
+
+def check_attention(args, sanitize=False):
+    """Emulate the kernel on `args`; check it against the reference and the visited-key count
+    against `tile_visits`. Returns the generated source, the output and the counters."""
+    src, kw, (got,), counters = emulate(
+        attention.METAL_KERNEL, attention.INPUTS, attention.OUTPUTS, attention.call, *args,
+        sanitize=sanitize,
+    )  # fmt: skip
+    ref = np.array(cached_admitted_attention(*args))
+    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert err <= 1e-5 or np.abs(got - ref).max() <= 1e-6, err
+    B, _, L, Dk = args[0].shape
+    HV, Dv = args[2].shape[1], args[2].shape[3]
+    QT = attention.query_tile(Dk, Dv)
+    assert kw["grid"] == (32, -(-L // QT), B * HV) and kw["threadgroup"] == (32, 1, 1)
+    assert counters["keys_visited"] == tile_visits(args, QT)
+    return src, got, counters
 
 
 ATTN_CASES = {  # B, H, HV, L, N, Dk, Dv, counts, bias
@@ -151,27 +194,76 @@ ATTN_CASES = {  # B, H, HV, L, N, Dk, Dv, counts, bias
     "decode-empty-and-full": (2, 2, 4, 1, 9, 32, 64, [0, 9], False),
     "prefill-gva-bias": (2, 2, 4, 6, 14, 64, 32, [14, 3], True),
     "all-empty": (1, 1, 2, 3, 4, 32, 32, [0], True),
+    "prefill-ragged-tiles": (2, 1, 2, 19, 16, 32, 32, [16, 7], True),  # QT 8: tiles 8, 8, 3
+    "prefill-dk128-dv256": (1, 2, 2, 12, 10, 128, 256, [10], False),  # QT 5: tiles 5, 5, 2
 }
 
 
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 def test_attention_kernel_fp32(case):
     args = attention_case(*ATTN_CASES[case])
-    src, kw, (got,), counters = emulate(
-        attention.METAL_KERNEL, attention.INPUTS, attention.OUTPUTS, attention.call, *args
-    )
-    ref = np.array(cached_admitted_attention(*args))
-    err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)
-    assert err <= 1e-5 or np.abs(got - ref).max() <= 1e-6, (case, err)
+    src, got, _ = check_attention(args)
     B, H, HV, L, N, Dk, Dv, counts, bias = ATTN_CASES[case]
     assert src.template_params == ("InT", "Dk", "Dv", "H", "HV", "HAS_BIAS")
     assert src.template_args == ("float", str(Dk), str(Dv), str(H), str(HV), str(int(bias)))
     assert [p.name for p in src.params if p.buffer is not None] == attention.INPUTS + ["out"]
-    assert kw["grid"] == (32, L, B * HV) and kw["threadgroup"] == (32, 1, 1)
     for b, c in enumerate(counts):
         if c == 0:
             assert np.all(got[b] == 0.0)  # an empty cache gives exactly zero
-    assert counters["keys_visited"] == expected_visits(args)
+
+
+@pytest.mark.parametrize("L", [2, 7, 11])
+def test_attention_kernel_partial_tiles(L):
+    """L < QT and L not a multiple of QT: the live queries of the last tile match the reference,
+    and nothing is read or written outside a buffer (AddressSanitizer build)."""
+    args = attention_case(2, 2, 4, L, 12, 32, 64, [12, 4], True)
+    QT = attention.query_tile(32, 64)
+    assert L % QT != 0  # 2 and 7 below QT = 8, 11 past it
+    check_attention(args, sanitize=True)
+
+
+def with_key_positions(args, pos):
+    """`args` with the key positions replaced by `pos` `[B, N]`."""
+    return args[:4] + (mx.array(pos.astype(np.int32)),) + args[5:]
+
+
+def prefill_key_positions(q_pos, N, B, in_block, seed=0):
+    """Sorted positions `[B, N]`: all before the first query, or half of them before and half
+    at queries' own positions (tokens of the prefill block admitted to the cache)."""
+    rng = np.random.default_rng(seed)
+    inside = N // 2 if in_block else 0
+
+    def row():
+        before = rng.choice(q_pos[0], N - inside, replace=False)
+        return np.sort(np.concatenate([before, rng.choice(q_pos, inside, replace=False)]))
+
+    return np.stack([row() for _ in range(B)])
+
+
+@pytest.mark.parametrize("in_block", [False, True], ids=["cache-before", "keys-in-block"])
+def test_attention_kernel_prefill_reads_keys_once_per_tile(in_block):
+    """A long prefill: the emulated kernel visits each admitted key once per tile of QT queries,
+    about QT times fewer visits than a walk per query."""
+    B, HV, L, N, counts = 2, 2, 64, 48, [48, 30]
+    args = attention_case(B, 1, HV, L, N, 32, 32, counts, True)
+    q_pos = np.array(args[5])
+    args = with_key_positions(args, prefill_key_positions(q_pos, N, B, in_block))
+    _, _, counters = check_attention(args)  # == tile_visits(args, QT)
+    QT = attention.query_tile(32, 32)
+    tiles, visited, per_query = -(-L // QT), counters["keys_visited"], per_query_visits(args)
+    print(f"\nprefill L={L} QT={QT} ({'keys in block' if in_block else 'cache before'}): "
+          f"keys_visited {visited} (tiles), {per_query} (a walk per query)")  # fmt: skip
+    if not in_block:  # every query sees the same keys: exactly ceil(L / QT) / L of the walks
+        assert visited * L == tiles * per_query
+        return
+    # Keys inside the block: a tile visits its last query's keys, at most the mean over its QT
+    # queries plus the keys inside its span, so (L a multiple of QT) at most 1/QT of the walks
+    # per query plus, per head, the keys inside the block.
+    inside = sum(
+        int(np.sum((p[:c] > q_pos[0]) & (p[:c] <= q_pos[-1])))
+        for p, c in zip(np.array(args[4]), counts)
+    )  # fmt: skip
+    assert L % QT == 0 and visited * QT <= per_query + QT * HV * inside
 
 
 def test_attention_kernel_fp16():
