@@ -158,7 +158,7 @@ def test_cli_end_to_end(tmp_path):
     assert r["tokens"] == 199 and r["perplexity"] > 1 and len(r["kv_fraction"]) == 4
     assert "perplexity" in (tmp_path / "eval-ppl.md").read_text()
     assert (tmp_path / "eval-ppl.png").stat().st_size > 1000
-    p = run("niah", "--niah", "passkey", "--lengths", "64", "--depths", "0.5", "--samples", "1",
+    p = run("niah", "--niah", "passkey", "--lengths", "128", "--depths", "0.5", "--samples", "1",
             "--no-progress")  # fmt: skip
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "eval-niah.json").read_text())
