@@ -169,7 +169,7 @@ def answers_under_test(args: argparse.Namespace, tok: Tokenizer) -> set[str]:
 
 def prompt_floor(task: str, tok: Tokenizer) -> int:
     """Tokens of a needle prompt with no filler (make_sample cannot go shorter)."""
-    prompt, _ = make_sample(task, 0, 0.5, tok, np.random.default_rng(0))
+    prompt, _ = make_sample(task, 0, 0.5, tok, np.random.default_rng(0), shortest=True)
     return len(tok.encode(prompt, add_bos=True))
 
 
@@ -186,10 +186,13 @@ class NeedleDocuments:
 
     def make(self, rng: np.random.Generator) -> list[int]:
         with mock.patch.object(niah, "haystack_lines", lambda: self.lines):
-            while True:
-                prompt, value = make_sample(
-                    self.task, self.seq_len + 1 - ANSWER_ROOM, rng.random(), self.tok, rng
-                )
+            while True:  # redraw a sample whose keys make it too long, or whose number is asked
+                try:
+                    prompt, value = make_sample(
+                        self.task, self.seq_len + 1 - ANSWER_ROOM, rng.random(), self.tok, rng
+                    )
+                except ValueError:
+                    continue
                 if value not in self.excluded:
                     break
         answer = self.tok.encode(value + ".", add_bos=False) + [self.tok.eos_id]

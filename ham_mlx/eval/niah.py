@@ -39,10 +39,12 @@ PASSKEY_INTRO = (
 
 
 def make_sample(
-    task: str, length: int, depth: float, tokenizer, rng: np.random.Generator, distractors: int = 3
+    task: str, length: int, depth: float, tokenizer, rng: np.random.Generator, distractors: int = 3,
+    shortest: bool = False,
 ) -> tuple[str, str]:
     """(prompt text, the answer's digits): at most `length` tokens with BOS, the needle at
-    `depth` of the lines."""
+    `depth` of the lines. A length that cannot hold the task's own text is a ValueError, or,
+    with shortest=True, gives the prompt with no filler."""
     if task not in TASKS:
         raise ValueError(f"niah task {task!r}: one of {', '.join(TASKS)}")
     if not 0.0 <= depth <= 1.0:
@@ -86,11 +88,11 @@ def make_sample(
     while chosen and len(tokenizer.encode(prompt, add_bos=True)) > length:
         chosen.pop()
         prompt = compose(chosen)
-    shortest = len(tokenizer.encode(prompt, add_bos=True))
-    if shortest > length:
+    least = len(tokenizer.encode(prompt, add_bos=True))
+    if least > length and not shortest:
         raise ValueError(
             f"niah {task}: a context of {length} tokens cannot hold the task's own text "
-            f"({shortest} tokens with no filler); use lengths of at least {shortest}"
+            f"({least} tokens with no filler); use lengths of at least {least}"
         )
     return prompt, value
 
