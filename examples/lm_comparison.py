@@ -61,7 +61,7 @@ from ham_mlx.config import ModelArgs
 from ham_mlx.eval import niah
 from ham_mlx.eval.niah import TASKS, make_sample, needle_retrieval
 from ham_mlx.eval.ppl import perplexity
-from ham_mlx.eval.report import machine
+from ham_mlx.eval.report import machine, pyplot
 from ham_mlx.eval.runner import MLXRunner, progress_bar
 from ham_mlx.model import Model
 from ham_mlx.model_io import load_model
@@ -480,13 +480,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; no comparison.png", file=sys.stderr)
+    plt = pyplot("comparison.png")
+    if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     plot_perplexity(left, report["models"])

@@ -45,11 +45,7 @@ def main() -> None:
     info = machine_info()
     print(describe(info))
     vocab = Tokenizer.from_file(bundled_tokenizer_path()).vocab_size
-    overrides = {}
-    if a.layer_type != "ham":
-        overrides["layer_types"] = [a.layer_type] * 64
-    runners = [TrainStep(n, a.preset, vocab, a.batch, a.seq_len, **_layers(a, overrides))
-               for n in names]  # fmt: skip
+    runners = [TrainStep(n, a.preset, vocab, a.batch, a.seq_len, **_layers(a)) for n in names]
     samples = interleaved_step_samples(runners, warmup=2, repeats=a.rounds, steps=a.steps)
     rows = summarize(samples, a.batch * a.seq_len)
     print(f"{a.preset} preset, {a.layer_type} layers, {a.batch} x {a.seq_len} tokens a step, "
@@ -63,9 +59,10 @@ def main() -> None:
                                       "results": rows}, indent=1))  # fmt: skip
 
 
-def _layers(a: argparse.Namespace, overrides: dict) -> dict:
-    """layer_types sized to the preset's depth; attention layers get the hybrid presets' heads."""
-    if not overrides:
+def _layers(a: argparse.Namespace) -> dict:
+    """Overrides for --layer-type: layer_types sized to the preset's depth; attention layers get
+    the hybrid presets' heads (none for ham, the presets' own)."""
+    if a.layer_type == "ham":
         return {}
     from ham_mlx.presets import HYBRID_ATTN, PRESETS
 

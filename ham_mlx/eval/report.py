@@ -71,14 +71,23 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path) -> Path | None:
+def pyplot(missing: str):
+    """matplotlib.pyplot on the Agg backend, or None (after a note naming `missing`, what is not
+    drawn) when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed; no plot written", file=sys.stderr)
+        print(f"note: matplotlib is not installed; no {missing}", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(r: dict[str, Any], path: Path) -> Path | None:
+    plt = pyplot("plot written")
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if r["task"] == "niah":

@@ -55,7 +55,13 @@ def softmax_attention(
     if key_bias is not None:
         logits = logits + key_bias[:, None, None, :].astype(logits.dtype)
     logits = mx.where(mask, logits, -mx.inf)
-    sink = sink.astype(logits.dtype)[:, None, None]  # [N, 1, 1]
+    return sink_softmax_values(logits, sink.astype(logits.dtype)[:, None, None], v)
+
+
+def sink_softmax_values(logits: mx.array, sink: mx.array, v: mx.array) -> mx.array:
+    """softmax(logits) @ v with the sink logit in the denominator (its value is 0), the exp from
+    `fast_math`. logits `[..., Tq, Tk]` (-inf where masked), sink broadcastable to
+    `[..., Tq, 1]`, v `[..., Tk, Dv]`. A row of -inf logits gives exactly 0."""
     m = mx.stop_gradient(mx.maximum(mx.max(logits, axis=-1, keepdims=True), sink))
     p = fast_math.exp(logits - m)
     denom = mx.sum(p, axis=-1, keepdims=True) + fast_math.exp(sink - m)
@@ -231,12 +237,9 @@ def buffer_attention(
     if key_bias is not None:
         logits = logits + key_bias[:, None, :].astype(q.dtype)
     valid = (mx.arange(n)[None, :] < counts[:, None])[:, None, :]  # [B, 1, n]
-    logits = mx.where(valid, logits, -mx.inf)
-    sink = sink.astype(q.dtype)[:, None]  # [HV, 1]
-    m = mx.maximum(mx.max(logits, axis=-1, keepdims=True), sink)  # [B, HV, 1]
-    p = fast_math.exp(logits - m)  # [B, HV, n]
-    denom = mx.sum(p, axis=-1, keepdims=True) + mx.exp(sink - m)
-    return (p[:, :, None, :] @ values)[:, :, 0, :] / denom  # [B, HV, Dv]
+    logits = mx.where(valid, logits, -mx.inf)[:, :, None, :]  # [B, HV, 1, n]
+    o = sink_softmax_values(logits, sink.astype(q.dtype)[:, None, None], values)
+    return o[:, :, 0, :]  # [B, HV, Dv]
 
 
 def gated_output(o: mx.array, gate: mx.array, weight: mx.array, eps: float) -> mx.array:

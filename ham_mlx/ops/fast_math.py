@@ -49,9 +49,14 @@ _exp2_fused = mx.compile(_pow2)
 _exp_fused = mx.compile(lambda x: _pow2(x * LOG2E))
 _sigmoid_fused = mx.compile(lambda x: 1.0 / (1.0 + _pow2(x * -LOG2E)))
 _silu_fused = mx.compile(lambda x: x / (1.0 + _pow2(x * -LOG2E)))
-_silu_grad_fused = mx.compile(
-    lambda x, c: c * (_sigmoid_fused(x) * (1.0 + x * (1.0 - _sigmoid_fused(x))))
-)
+
+
+def _silu_grad(x: mx.array, cotangent: mx.array) -> mx.array:
+    s = _sigmoid_fused(x)
+    return cotangent * (s * (1.0 + x * (1.0 - s)))
+
+
+_silu_grad_fused = mx.compile(_silu_grad)
 
 
 @mx.custom_function

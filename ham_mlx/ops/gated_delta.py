@@ -172,7 +172,7 @@ def gated_delta_chunked(
     g, beta = chunks(g)[..., None], chunks(beta)[..., None]  # [NC, B, HV, C, 1]
     autodiff = autodiff_requested() if autodiff is None else autodiff
     core = partial(_chunks_forward, autodiff=True) if autodiff else _chunks
-    out, S_end = core(qk, v, g, beta, S.swapaxes(-1, -2))[:2]  # out: [NC, B, HV, 2C, Dv]
+    out, S_end = core(qk, v, g, beta, S.swapaxes(-1, -2))  # out: [NC, B, HV, 2C, Dv]
 
     def steps(x):  # [NC, B, HV, C, Dv] -> [B, T, HV, Dv]
         return x.transpose(1, 0, 3, 2, 4).reshape(B, NC * C, HV, -1)[:, :T]
