@@ -13,6 +13,7 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from ham_mlx.buffer_cache import SmallCache
 from ham_mlx.config import MLX_LM_FIELDS, ConfigError, config_fields
 from ham_mlx.convert import fla_keys, qwen35
 from ham_mlx.convert.checkpoint import read_weights
@@ -101,6 +102,11 @@ def convert(
     q_group_size (mlx.nn.quantize). progress: a progress line on stderr (None: for large
     checkpoints).
     """
+    with SmallCache():  # streaming: freed buffers go back at once (peak = the output)
+        return _convert(src, dst, dtype, quantize, q_bits, q_group_size, overwrite, progress)
+
+
+def _convert(src, dst, dtype, quantize, q_bits, q_group_size, overwrite, progress):
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")

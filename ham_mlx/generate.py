@@ -10,6 +10,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from ham_mlx.buffer_cache import release_between_chunks
 from ham_mlx.cache import kv_stats
 from ham_mlx.model import Model
 from ham_mlx.sample import make_logits_processors, make_sampler
@@ -73,7 +74,9 @@ def generate_step(
     n = tokens.shape[1]
     for i in range(0, n, prefill_step_size):
         logits = model(tokens[:, i : i + prefill_step_size], cache)
-        mx.eval(logits, [c.state for c in cache])
+        last = i + prefill_step_size >= n
+        mx.eval([logits, *(c.state for c in cache)] if last else [c.state for c in cache])
+        release_between_chunks()
     logits = logits[:, -1, :]
     prefill_end = time.perf_counter()
     history = tokens

@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 
 from ham_mlx.admission import quantile_threshold
 from ham_mlx.bench.contenders import decode_args, qwen3_5_gdn_model
+from ham_mlx.buffer_cache import release_between_chunks
 from ham_mlx.cache import kv_stats
 from ham_mlx.model import Model
 
@@ -76,6 +77,7 @@ class Prefiller:
                 part, cache
             )  # fmt: skip
             mx.eval(logits, [c.state for c in cache])
+            release_between_chunks()  # as both generation loops do
         seconds = time.perf_counter() - t
         if self.kind != "ham":
             return seconds, None

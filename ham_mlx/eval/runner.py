@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
+from ham_mlx.buffer_cache import release_between_chunks
 from ham_mlx.cache import kv_stats
 
 
@@ -42,7 +43,9 @@ class MLXRunner:
         out = self.model(mx.array(np.asarray(ids, dtype=np.int32)), cache)
         out = out.astype(mx.float32)
         mx.eval(out, [c.state for c in cache])
-        return np.array(out)
+        out = np.array(out)
+        release_between_chunks()
+        return out
 
     def kv_fraction(self, cache: list[Any]) -> list[float]:
         return ham_fractions(kv_stats(cache))

@@ -47,6 +47,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 
+from ham_mlx.buffer_cache import release_between_chunks
 from ham_mlx.cache import kv_stats
 from ham_mlx.model import per_layer
 from ham_mlx.sample import make_logits_processors
@@ -553,6 +554,7 @@ class Engine:
                 if nxt:
                     self._score_rows(s, lp[: len(nxt)], nxt)
                 s.last = np.array(lp[-1])
+            release_between_chunks()
             s.pos = stop
             if s.cuts and s.pos == s.cuts[0]:
                 s.cuts.popleft()
