@@ -71,8 +71,9 @@ def reference(q, keys, values, counts, positions, q_pos, log_scale, sink, bias):
         (2, 4, 7, 5, 3, [6, 8]),  # GVA; row 0 admitted only 1 of the chunk's tokens
         (3, 3, 1, 4, 0, [4, 2]),  # one query; a row with fewer settled entries
         (2, 2, 6, 0, 4, [4, 0]),  # empty cache before the chunk; an empty row
+        (2, 2, 5, 6, 0, [6, 6]),  # the chunk admitted nothing: every slot settled, no mask
     ],
-    ids=["mha", "gva-ragged", "one-query", "first-chunk"],
+    ids=["mha", "gva-ragged", "one-query", "first-chunk", "all-settled"],
 )
 def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias):
     args = cache_inputs(H, HV, L, settled, late, counts)

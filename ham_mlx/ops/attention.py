@@ -181,12 +181,14 @@ def chunk_attention(
     q̂ and k̂ have unit norm and the router bias is <= 0, so no logit of head j exceeds
     m_j = max(s_j, sink_j) with s_j = exp(log_scale_j). One product gives the logits in base 2,
     already shifted by -m_j: q'_t = [c s_j q̂_t, 1], k'_s = [k̂_s, c (bias_s - m_j)], c = log2 e,
-    plus a sink key [0, c (sink_j - m_j)] with a zero value. Then p = 2^logit (no max pass; 2^x
-    is cheaper than e^x on the CPU), o = (p @ [v; 0]) / Σ p. Masked logits are -inf, so a query
-    with no admitted key gets exactly 0. Needs `fits_exp2`. Returns `[B, HV, L, Dv]`.
+    and the sink's weight 2^(c (sink_j - m_j)) with a zero value. Then p = 2^logit (no max pass;
+    2^x is cheaper than e^x on the CPU), o = (p @ v) / (Σ p + sink weight), with Σ p from the
+    same product (a ones column beside v). Settled slots and later ones are two products, so only
+    the later ones pass through a mask. Masked logits are -inf, so a query with no admitted key
+    gets exactly 0. Needs `fits_exp2`. Returns `[B, HV, L, Dv]`.
     """
     B, _, L, Dk = q.shape
-    HV, n = values.shape[1], keys.shape[2]
+    HV, n, Dv = values.shape[1], keys.shape[2], values.shape[3]
     q, keys = _repeat_for_value_heads(q, keys, HV)
     f32 = mx.float32
     s = mx.exp(log_scale.astype(f32))  # [HV]
@@ -196,19 +198,22 @@ def chunk_attention(
     shift = mx.broadcast_to((-LOG2E * m)[None, :, None, None], (B, HV, n, 1))
     if key_bias is not None:
         shift = shift + LOG2E * key_bias.astype(f32)[:, None, :, None]
-    sink_key = mx.concatenate(
-        [mx.zeros((B, HV, 1, Dk), f32),
-         mx.broadcast_to((LOG2E * (sink.astype(f32) - m))[None, :, None, None], (B, HV, 1, 1))],
-        axis=-1,
-    )  # [B, HV, 1, Dk+1]  # fmt: skip
-    kx = mx.concatenate([mx.concatenate([keys.astype(f32), shift], axis=-1), sink_key], axis=2)
-    logits = qx @ kx.swapaxes(-1, -2)  # [B, HV, L, n+1], base 2, shifted
+    kx = mx.concatenate([keys.astype(f32), shift], axis=-1)  # [B, HV, n, Dk+1]
+    # a ones column: the product with p gives the row sums too
+    vx = mx.concatenate([values.astype(f32), mx.ones((B, HV, n, 1), f32)], axis=-1)
+    acc = None  # [B, HV, L, Dv+1]: Σ p v | Σ p
+    if settled > 0:  # every query sees these: no mask
+        p = fast_math.exp2(qx @ kx[:, :, :settled].swapaxes(-1, -2))  # [B, HV, L, settled]
+        acc = p @ vx[:, :, :settled]
     if settled < n:
         late = _slot_mask(counts, key_positions, query_positions, settled, n)  # [B, L, n-settled]
-        logits[..., settled:n] = mx.where(late[:, None], logits[..., settled:n], -mx.inf)
-    p = fast_math.exp2(logits)
-    vx = mx.concatenate([values.astype(f32), mx.zeros((B, HV, 1, values.shape[3]), f32)], axis=2)
-    return ((p @ vx) / p.sum(axis=-1, keepdims=True)).astype(q.dtype)
+        logits = qx @ kx[:, :, settled:].swapaxes(-1, -2)  # [B, HV, L, n-settled]
+        p = fast_math.exp2(mx.where(late[:, None], logits, -mx.inf))
+        acc = p @ vx[:, :, settled:] if acc is None else acc + p @ vx[:, :, settled:]
+    sink_p = mx.exp(sink.astype(f32) - m)[None, :, None, None]  # the sink's weight, value 0
+    if acc is None:  # no key at all
+        return mx.zeros((B, HV, L, Dv), q.dtype)
+    return (acc[..., :Dv] / (acc[..., Dv:] + sink_p)).astype(q.dtype)
 
 
 def buffer_attention(
