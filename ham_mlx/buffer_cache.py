@@ -23,6 +23,7 @@ import os
 import mlx.core as mx
 
 DEFAULT_CAP_MB = 2048
+mlx_limit: int | None = None  # MLX's own limit, as found by `raise_cpu_cache_limit`
 
 
 def on_cpu() -> bool:
@@ -49,13 +50,14 @@ def cpu_cache_bytes() -> int:
 def raise_cpu_cache_limit() -> int | None:
     """Raise MLX's cache limit on the CPU (see the module's text); returns the limit set, or None
     when nothing changed."""
+    global mlx_limit
     if not on_cpu():
         return None
     want = cpu_cache_bytes()
-    if want <= 0:
-        return None
     previous = mx.set_cache_limit(want)
-    if previous >= want:
+    if mlx_limit is None:
+        mlx_limit = previous
+    if previous >= want:  # also HAM_MLX_CPU_CACHE_MB=0
         mx.set_cache_limit(previous)
         return None
     return want

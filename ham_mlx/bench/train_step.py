@@ -4,7 +4,7 @@ Each variant is a compiled training step (the trainer's loss, value and gradient
 AdamW) of the same preset with the same weights and batch, traced under its own switches:
 - `reference`: MLX's exp/sigmoid/SiLU and scaled_dot_product_attention, MLX's autodiff of
   the chunked scan (HAM_MLX_NO_FAST_MATH=1, HAM_MLX_AUTODIFF_SCAN=1), and MLX's own CPU buffer
-  cache limit (32 MiB, see `ham_mlx.buffer_cache`);
+  cache limit (see `ham_mlx.buffer_cache`);
 - `fast math`: `ops.fast_math` only; `written gradient`: the scan's written-out gradient only;
   `buffer cache`: the raised cache limit only;
 - `fast`: all three (the default everywhere).
@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from ham_mlx.buffer_cache import cpu_cache_bytes
+from ham_mlx import buffer_cache
 from ham_mlx.model import Model
 from ham_mlx.presets import preset_args
 from ham_mlx.train.trainer import loss_fn
@@ -33,7 +33,6 @@ VARIANTS: dict[str, dict[str, str]] = {
     "buffer cache": {"HAM_MLX_NO_FAST_MATH": "1", "HAM_MLX_AUTODIFF_SCAN": "1"},
     "fast": {"HAM_MLX_NO_FAST_MATH": "0", "HAM_MLX_AUTODIFF_SCAN": "0"},
 }
-MLX_CPU_CACHE = 32 << 20  # MLX 0.32's own CPU cache limit on Linux
 RAISED = ("buffer cache", "fast")
 
 
@@ -65,9 +64,11 @@ class TrainStep:
     def step(self) -> None:
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)  # the switches are read while the step is traced
-        limit = (cpu_cache_bytes() or MLX_CPU_CACHE) if self.name in RAISED else MLX_CPU_CACHE
-        if mx.set_cache_limit(limit) != limit:  # another variant's limit: start from empty
-            mx.clear_cache()
+        own = buffer_cache.mlx_limit  # None off the CPU: nothing to vary
+        if own is not None:
+            limit = (buffer_cache.cpu_cache_bytes() or own) if self.name in RAISED else own
+            if mx.set_cache_limit(limit) != limit:  # another variant's limit: start from empty
+                mx.clear_cache()
         try:
             loss = self._step(self.x, self.y, self.mask)
             mx.eval(loss, self.model.state, self.optimizer.state)

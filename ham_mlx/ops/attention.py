@@ -210,9 +210,9 @@ def chunk_attention(
         logits = qx @ kx[:, :, settled:].swapaxes(-1, -2)  # [B, HV, L, n-settled]
         p = fast_math.exp2(mx.where(late[:, None], logits, -mx.inf))
         acc = p @ vx[:, :, settled:] if acc is None else acc + p @ vx[:, :, settled:]
-    sink_p = mx.exp(sink.astype(f32) - m)[None, :, None, None]  # the sink's weight, value 0
     if acc is None:  # no key at all
         return mx.zeros((B, HV, L, Dv), q.dtype)
+    sink_p = mx.exp(sink.astype(f32) - m)[None, :, None, None]  # the sink's weight, value 0
     return (acc[..., :Dv] / (acc[..., Dv:] + sink_p)).astype(q.dtype)
 
 
