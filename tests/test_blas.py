@@ -54,3 +54,21 @@ def test_gemv_shim_routes_matrix_vector_products_and_matches_numpy():
     np.testing.assert_allclose(np.array(x @ w), np.array(x) @ np.array(w), rtol=1e-5, atol=1e-5)
     if _blas.loaded_gemv_shim is not None:
         assert _blas.gemv_shim_routed() - before >= 20  # the M = 1 and N = 1 cases above
+
+
+ATTENTION_BUILT = bool(
+    glob.glob(os.path.join(os.path.dirname(_blas.__file__), "_attention_cpu*.so"))
+)
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="libopenblas0-pthread is not installed")
+def test_c_attention_is_built_where_a_compiler_is_and_loads():
+    import shutil
+
+    from ham_mlx.ops import cpu_attention
+
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert ATTENTION_BUILT  # pip install compiles it where a C compiler exists
+    if ATTENTION_BUILT and _blas.loaded_openblas is not None:
+        env_off = os.environ.get("HAM_MLX_NO_C_ATTENTION", "") not in ("", "0")
+        assert cpu_attention.available() is not env_off

@@ -1,6 +1,7 @@
 """The cached-prefill attention (`chunk_attention`, one product with the logits' bound folded in,
-base-2 exponent) against its twin `compact_attention` and the float64 reference, and the HAM
-layer's chunked prefill with it against the same prefill through the twin."""
+base-2 exponent; and its tiled C form `chunk_attention_c`) against their twin
+`compact_attention` and the float64 reference, and the HAM layer's chunked prefill with each
+against the same prefill through the twin."""
 
 import ham_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
 
@@ -11,7 +12,7 @@ import pytest
 from conftest import make_model
 
 from ham_mlx import kv_stats
-from ham_mlx.ops import attention
+from ham_mlx.ops import attention, cpu_attention
 from ham_mlx.ops.attention import (
     attention_reference,
     chunk_attention,
@@ -20,6 +21,13 @@ from ham_mlx.ops.attention import (
 )
 
 B, DK, DV = 2, 16, 32
+
+C_BUILT = cpu_attention.available()
+needs_c = pytest.mark.skipif(not C_BUILT, reason="the C attention helper is not built here")
+FORMS = [
+    pytest.param(chunk_attention, id="mlx"),
+    pytest.param(cpu_attention.chunk_attention_c, id="c", marks=needs_c),
+]
 
 
 def unit(x):
@@ -63,6 +71,7 @@ def reference(q, keys, values, counts, positions, q_pos, log_scale, sink, bias):
     return attention_reference(q, keys, values, mask[:, None], log_scale, sink, bias)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("bias", [False, True], ids=["cosine", "learned"])
 @pytest.mark.parametrize(
     "H, HV, L, settled, late, counts",
@@ -72,16 +81,17 @@ def reference(q, keys, values, counts, positions, q_pos, log_scale, sink, bias):
         (3, 3, 1, 4, 0, [4, 2]),  # one query; a row with fewer settled entries
         (2, 2, 6, 0, 4, [4, 0]),  # empty cache before the chunk; an empty row
         (2, 2, 5, 6, 0, [6, 6]),  # the chunk admitted nothing: every slot settled, no mask
+        (1, 2, 200, 300, 90, [390, 301]),  # several query and key tiles of the C form
     ],
-    ids=["mha", "gva-ragged", "one-query", "first-chunk", "all-settled"],
+    ids=["mha", "gva-ragged", "one-query", "first-chunk", "all-settled", "tiles"],
 )
-def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias):
+def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias, form):
     args = cache_inputs(H, HV, L, settled, late, counts)
     *args, key_bias = args
     key_bias = key_bias if bias else None
     # `settled` promises slots every row filled before the call: the smallest count of those
     done = min(settled, min(counts))
-    got = chunk_attention(*args, key_bias, done)
+    got = form(*args, key_bias, done)
     twin = compact_attention(*args, key_bias)
     assert got.shape == twin.shape == (B, HV, L, DV) and got.dtype == mx.float32
     np.testing.assert_allclose(np.array(got), np.array(twin), atol=2e-6, rtol=1e-5)
@@ -89,11 +99,12 @@ def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias):
     np.testing.assert_allclose(np.array(got), ref, atol=2e-6, rtol=1e-5)
 
 
-def test_queries_with_nothing_to_see_get_exactly_zero():
+@pytest.mark.parametrize("form", FORMS)
+def test_queries_with_nothing_to_see_get_exactly_zero(form):
     q, keys, values, counts, positions, q_pos, log_scale, sink, _ = cache_inputs(
         2, 2, 6, 0, 4, [4, 0]
     )
-    got = chunk_attention(q, keys, values, counts, positions, q_pos, log_scale, sink, None, 0)
+    got = form(q, keys, values, counts, positions, q_pos, log_scale, sink, None, 0)
     assert bool(mx.all(got[1] == 0.0))  # row 1 stored nothing
     first = int(np.array(positions)[0, 0]) - int(np.array(q_pos)[0])
     assert bool(mx.all(got[0, :, :first] == 0.0))  # before row 0's first admitted token
@@ -106,10 +117,18 @@ def test_large_scales_are_refused():
     assert fits_exp2(mx.full((2,), float(np.log(11.3))), mx.zeros((2,)), True)
 
 
+@pytest.mark.parametrize("c_form", [pytest.param(True, marks=needs_c), False], ids=["c", "mlx"])
 @pytest.mark.parametrize("router", ["cosine", "learned"])
-def test_chunked_prefill_matches_the_twin(router, monkeypatch):
-    """A whole model prefilled in chunks: chunk_attention against compact_attention (taken when
-    fits_exp2 says no): logits within 1e-4, the same admission decisions, the same caches."""
+def test_chunked_prefill_matches_the_twin(router, c_form, monkeypatch):
+    """A whole model prefilled in chunks: chunk_attention (or its C form, the default where it is
+    built) against compact_attention (taken when fits_exp2 says no): logits within 1e-4, the same
+    admission decisions, the same caches."""
+    monkeypatch.setenv("HAM_MLX_NO_C_ATTENTION", "0" if c_form else "1")
+    calls = []
+    c_form_fn = cpu_attention.chunk_attention_c
+    monkeypatch.setattr(
+        cpu_attention, "chunk_attention_c", lambda *a: calls.append(1) or c_form_fn(*a)
+    )
     model = make_model(["ham", "ham"], ham_router=router)
     ids = mx.array(np.random.default_rng(3).integers(0, 61, (2, 40)))
     scores = []
@@ -124,6 +143,7 @@ def test_chunked_prefill_matches_the_twin(router, monkeypatch):
         return np.array(logits), cache
 
     fast, fast_cache = prefill()
+    assert bool(calls) == c_form  # the C form runs where it is built, unless turned off
     monkeypatch.setattr(attention, "fits_exp2", lambda *a: False)
     slow, slow_cache = prefill()
     np.testing.assert_allclose(fast, slow, atol=1e-4, rtol=0)
@@ -133,3 +153,20 @@ def test_chunked_prefill_matches_the_twin(router, monkeypatch):
     for a, b in zip(fast_cache, slow_cache):
         for x, y in zip(a.state[:7], b.state[:7]):
             np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-5, rtol=0)
+
+
+@needs_c
+def test_c_form_gives_the_same_result_on_any_number_of_threads(monkeypatch):
+    args = cache_inputs(2, 4, 150, 280, 40, [320, 300], seed=4)
+    *args, key_bias = args
+    results = []
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("HAM_MLX_C_ATTENTION_THREADS", threads)
+        results.append(np.array(cpu_attention.chunk_attention_c(*args, key_bias, 280)))
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], atol=1e-6, rtol=1e-5)
+
+
+def test_c_form_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("HAM_MLX_NO_C_ATTENTION", "1")
+    assert not cpu_attention.available()

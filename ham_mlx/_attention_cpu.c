@@ -1,0 +1,196 @@
+/* Attention over admitted keys for many queries at once, on the CPU (cached prefill).
+ *
+ * The same result as ham_mlx.ops.attention.chunk_attention, computed tile by tile: for a tile of
+ * queries and a tile of keys, one sgemm gives the logits (in base 2, already shifted by the bound
+ * of the head's logits), a loop takes 2^x with the mask and the row sums, and a second sgemm adds
+ * p @ v into the output. The logits never leave the cache: a tile is at most 128 x 256 floats.
+ * ham_mlx/ops/cpu_attention.py calls it through ctypes and binds it to OpenBLAS's cblas_sgemm.
+ *
+ * Shapes (strides in floats, the innermost stride is 1):
+ *   q      [B, H, L, Dk]    query head h // (HV / H) serves value head h
+ *   keys   [B, H, n, Dk]
+ *   values [B, HV, n, Dv]
+ *   out    [B, L, HV, Dv]   contiguous
+ * scale[HV] = log2(e) exp(log_scale), shift[HV] = -log2(e) max(exp(log_scale), sink),
+ * sink_weight[HV] = exp(sink - max(...)), bias2[B, n] = log2(e) key_bias or NULL,
+ * counts[B], key_pos[B, n], query_pos[B, L] (int32). Slot j of row b is seen by query i iff
+ * j < settled, or j < counts[b] and key_pos[b, j] <= query_pos[b, i].
+ */
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+#define MAX_WORKERS 64
+#ifndef QUERY_TILE
+#define QUERY_TILE 128
+#endif
+#ifndef KEY_TILE
+#define KEY_TILE 256
+#endif
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+static sgemm_fn sgemm;
+static int (*get_threads)(void);
+static void (*set_threads)(int);
+
+/* Bind to cblas_sgemm of the BLAS at path (already loaded). 0 on success. */
+int ham_attention_init(const char *path) {
+  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (!h) return 1;
+  sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
+  get_threads = (int (*)(void))dlsym(h, "openblas_get_num_threads");
+  set_threads = (void (*)(int))dlsym(h, "openblas_set_num_threads");
+  if (!get_threads || !set_threads) get_threads = NULL, set_threads = NULL;
+  return sgemm == NULL;
+}
+
+/* 2^x for x in [-126, 0] (Cephes exp2f: round to nearest, degree-6 polynomial on [-0.5, 0.5]).
+ * Written so that the compiler vectorises the loop that calls it. */
+static inline float exp2_small(float x) {
+  const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+  x = x > -126.0f ? x : -126.0f;
+  union { float f; int32_t i; } shifted = {x + magic}, scale;
+  float f = x - (shifted.f - magic);
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  scale.i = (shifted.i - 0x4B400000 + 127) << 23;
+  return p * scale.f;
+}
+
+/* p[i, j] = 2^(s[i, j] + add[j]) where limit[j] <= qpos[i], else 0; rowsum[i] += Σ_j p[i, j]. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+static void exp2_tile(float *restrict s, int rows, int cols, int ld, const float *restrict add,
+                      const int32_t *restrict limit, const int32_t *restrict qpos,
+                      float *restrict rowsum) {
+  for (int i = 0; i < rows; ++i) {
+    float *restrict row = s + (size_t)i * ld;
+    const int32_t at = qpos[i];
+    for (int j = 0; j < cols; ++j)
+      row[j] = limit[j] <= at ? exp2_small(row[j] + add[j]) : 0.0f;
+    float part[8] = {0};  /* eight partial sums: a reduction the compiler may vectorise */
+    int j = 0;
+    for (; j + 8 <= cols; j += 8)
+      for (int k = 0; k < 8; ++k) part[k] += row[j + k];
+    float sum = 0.0f;
+    for (; j < cols; ++j) sum += row[j];
+    for (int k = 0; k < 8; ++k) sum += part[k];
+    rowsum[i] += sum;
+  }
+}
+
+/* Everything one call needs; workers read it and write disjoint parts of out. */
+struct job {
+  int B, H, HV, L, n, Dk, Dv, settled, workers;
+  const float *q, *keys, *values, *scale, *shift, *sink_weight, *bias2;
+  long q_sb, q_sh, q_sl, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;
+  const int32_t *counts, *key_pos, *query_pos;
+  float *out;
+};
+
+struct worker {
+  const struct job *job;
+  int index, failed;
+};
+
+/* One query tile of one head of one row: the output rows [i0, i0 + rows) of head h. */
+static void tile(const struct job *J, int b, int h, int i0, float *s, float *add, int32_t *limit,
+                 float *rowsum) {
+  const int group = J->HV / J->H, ldo = J->HV * J->Dv, n = J->n;
+  const int count = J->counts[b] < n ? J->counts[b] : n;
+  const int rows = J->L - i0 < QUERY_TILE ? J->L - i0 : QUERY_TILE;
+  const float *qh = J->q + b * J->q_sb + (h / group) * J->q_sh + i0 * J->q_sl;
+  const float *kh = J->keys + b * J->k_sb + (h / group) * J->k_sh;
+  const float *vh = J->values + b * J->v_sb + h * J->v_sh;
+  float *oh = J->out + ((size_t)b * J->L + i0) * ldo + (size_t)h * J->Dv;
+  for (int i = 0; i < rows; ++i) memset(oh + (size_t)i * ldo, 0, sizeof(float) * J->Dv);
+  memset(rowsum, 0, sizeof(float) * rows);
+  for (int j0 = 0; j0 < count; j0 += KEY_TILE) {
+    const int cols = count - j0 < KEY_TILE ? count - j0 : KEY_TILE;
+    for (int j = 0; j < cols; ++j) {
+      const size_t slot = (size_t)b * n + j0 + j;
+      add[j] = J->shift[h] + (J->bias2 ? J->bias2[slot] : 0.0f);
+      limit[j] = j0 + j < J->settled ? INT32_MIN : J->key_pos[slot];
+    }
+    sgemm(ROW_MAJOR, NO_TRANS, TRANS, rows, cols, J->Dk, J->scale[h], qh, (int)J->q_sl,
+          kh + j0 * J->k_sn, (int)J->k_sn, 0.0f, s, cols);
+    exp2_tile(s, rows, cols, cols, add, limit, J->query_pos + (size_t)b * J->L + i0, rowsum);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, rows, J->Dv, cols, 1.0f, s, cols, vh + j0 * J->v_sn,
+          (int)J->v_sn, 1.0f, oh, ldo);
+  }
+  for (int i = 0; i < rows; ++i) {
+    const float inv = 1.0f / (rowsum[i] + J->sink_weight[h]);
+    float *o = oh + (size_t)i * ldo;
+    for (int d = 0; d < J->Dv; ++d) o[d] *= inv;
+  }
+}
+
+/* Worker w takes tiles w, w + workers, w + 2 workers, ... */
+static void *run_worker(void *arg) {
+  struct worker *W = arg;
+  const struct job *J = W->job;
+  float *s = malloc(sizeof(float) * QUERY_TILE * KEY_TILE);
+  float *add = malloc(sizeof(float) * KEY_TILE);
+  int32_t *limit = malloc(sizeof(int32_t) * KEY_TILE);
+  float *rowsum = malloc(sizeof(float) * QUERY_TILE);
+  if (s && add && limit && rowsum) {
+    const int tiles = (J->L + QUERY_TILE - 1) / QUERY_TILE;
+    for (long t = W->index; t < (long)J->B * J->HV * tiles; t += J->workers) {
+      const int b = (int)(t / ((long)J->HV * tiles)), h = (int)(t / tiles % J->HV);
+      tile(J, b, h, (int)(t % tiles) * QUERY_TILE, s, add, limit, rowsum);
+    }
+  } else {
+    W->failed = 1;
+  }
+  free(s), free(add), free(limit), free(rowsum);
+  return NULL;
+}
+
+/* 0 on success, 1 when memory or threads ran out, 2 when not initialised. The products run on
+ * `workers` threads with OpenBLAS held to one thread each meanwhile. */
+int ham_chunk_attention(int B, int H, int HV, int L, int n, int Dk, int Dv, const float *q,
+                        long q_sb, long q_sh, long q_sl, const float *keys, long k_sb, long k_sh,
+                        long k_sn, const float *values, long v_sb, long v_sh, long v_sn,
+                        const float *scale, const float *shift, const float *sink_weight,
+                        const float *bias2, const int32_t *counts, const int32_t *key_pos,
+                        const int32_t *query_pos, int settled, float *out, int workers) {
+  if (!sgemm) return 2;
+  if (workers < 1) workers = 1;
+  if (workers > MAX_WORKERS) workers = MAX_WORKERS;
+  struct job J = {B, H, HV, L, n, Dk, Dv, settled, workers, q, keys, values, scale, shift,
+                  sink_weight, bias2, q_sb, q_sh, q_sl, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
+                  counts, key_pos, query_pos, out};
+  struct worker W[MAX_WORKERS];
+  pthread_t threads[MAX_WORKERS];
+  int started[MAX_WORKERS] = {0};
+  const int blas_threads = get_threads && workers > 1 ? get_threads() : 0;
+  if (blas_threads > 1) set_threads(1);
+  for (int w = 0; w < workers; ++w) {
+    W[w] = (struct worker){&J, w, 0};
+    if (w > 0) started[w] = pthread_create(&threads[w], NULL, run_worker, &W[w]) == 0;
+  }
+  run_worker(&W[0]);
+  int failed = W[0].failed;
+  for (int w = 1; w < workers; ++w) {
+    if (started[w]) {
+      pthread_join(threads[w], NULL);
+      failed |= W[w].failed;
+    } else {
+      run_worker(&W[w]); /* no thread: do its share here */
+      failed |= W[w].failed;
+    }
+  }
+  if (blas_threads > 1) set_threads(blas_threads);
+  return failed;
+}

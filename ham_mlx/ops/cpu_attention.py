@@ -1,0 +1,132 @@
+"""`chunk_attention` as one C call on the CPU: tiles, so the logits never reach memory.
+
+MLX computes `chunk_attention` op by op: the logits of a 1024-query chunk over 1600 keys are
+40 MB per head group, written by one product, read and written by 2^x, read again by the next
+product. The C helper (`ham_mlx/_attention_cpu.c`, compiled by `pip install` where a C compiler
+exists) does the same arithmetic on 128 x 256 tiles that stay in the CPU's cache, with
+OpenBLAS's sgemm for both products and a vectorised 2^x between them.
+
+`available()` is true on Linux when the helper was built and OpenBLAS was loaded (ham_mlx._blas),
+and HAM_MLX_NO_C_ATTENTION is unset. Its twin is `ham_mlx.ops.attention.chunk_attention`
+(tests/test_cpu_attention.py compares them). No gradient: this serves cached prefill only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from ham_mlx import _blas
+
+LOG2E = 1.4426950408889634
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if _blas.loaded_openblas is None:
+        return None
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in sorted(glob.glob(os.path.join(here, "_attention_cpu*.so"))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        lib.ham_attention_init.argtypes = [ctypes.c_char_p]
+        if lib.ham_attention_init(_blas.loaded_openblas.encode()) == 0:
+            lib.ham_chunk_attention.restype = ctypes.c_int
+            _lib = lib
+            break
+    return _lib
+
+
+def available() -> bool:
+    """Whether `chunk_attention_c` can run here (see the module's docstring)."""
+    if os.environ.get("HAM_MLX_NO_C_ATTENTION", "") not in ("", "0"):
+        return False
+    return mx.default_device() == mx.cpu and _load() is not None
+
+
+def workers() -> int:
+    """Threads for one call: HAM_MLX_C_ATTENTION_THREADS, else the CPUs this process may use."""
+    value = os.environ.get("HAM_MLX_C_ATTENTION_THREADS", "")
+    if value:
+        return max(1, int(value))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _host(x: mx.array, dtype: mx.Dtype) -> np.ndarray:
+    """A numpy view of x (a copy only where the dtype or the innermost stride needs one)."""
+    a = np.asarray(x if x.dtype == dtype else x.astype(dtype))
+    if a.ndim and a.strides[-1] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def _ptr(a: np.ndarray, ctype) -> ctypes._Pointer:
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def chunk_attention_c(
+    q: mx.array,
+    keys: mx.array,
+    values: mx.array,
+    counts: mx.array,
+    key_positions: mx.array,
+    query_positions: mx.array,
+    log_scale: mx.array,
+    sink: mx.array,
+    key_bias: mx.array | None = None,
+    settled: int = 0,
+) -> mx.array:
+    """`chunk_attention` (same arguments and conditions, `fits_exp2` included) in one C call.
+
+    q `[B, H, L, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`. Evaluates its inputs.
+    Returns `[B, HV, L, Dv]` in q's dtype (a transposed view of a `[B, L, HV, Dv]` array).
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the C attention helper is not loaded (see ham_mlx.ops.cpu_attention)")
+    B, H, L, Dk = q.shape
+    HV, n, Dv = values.shape[1], keys.shape[2], values.shape[3]
+    f32 = mx.float32
+    s = mx.exp(log_scale.astype(f32))
+    m = mx.maximum(s, sink.astype(f32))
+    scale, shift = LOG2E * s, -LOG2E * m  # [HV]
+    sink_weight = mx.exp(sink.astype(f32) - m)
+    bias2 = None if key_bias is None else LOG2E * key_bias.astype(f32)  # [B, n]
+    q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]
+    q_pos = mx.broadcast_to(q_pos, (B, L))
+    parts = [q, keys, values, scale, shift, sink_weight, counts, key_positions, q_pos]
+    mx.eval(*parts, *([] if bias2 is None else [bias2]))
+
+    qa, ka, va = (_host(x, mx.float32) for x in (q, keys, values))
+    params = [np.ascontiguousarray(_host(x, mx.float32)) for x in (scale, shift, sink_weight)]
+    ints = [np.ascontiguousarray(_host(x, mx.int32)) for x in (counts, key_positions, q_pos)]
+    ba = None if bias2 is None else np.ascontiguousarray(_host(bias2, mx.float32))
+    out = np.empty((B, L, HV, Dv), np.float32)
+    f = ctypes.c_float
+    strides = [st // 4 for a in (qa, ka, va) for st in a.strides[:3]]
+    rc = lib.ham_chunk_attention(
+        ctypes.c_int(B), ctypes.c_int(H), ctypes.c_int(HV), ctypes.c_int(L), ctypes.c_int(n),
+        ctypes.c_int(Dk), ctypes.c_int(Dv),
+        _ptr(qa, f), *map(ctypes.c_long, strides[0:3]),
+        _ptr(ka, f), *map(ctypes.c_long, strides[3:6]),
+        _ptr(va, f), *map(ctypes.c_long, strides[6:9]),
+        *(_ptr(p, f) for p in params),
+        None if ba is None else _ptr(ba, f),
+        *(_ptr(a, ctypes.c_int32) for a in ints),
+        ctypes.c_int(settled), _ptr(out, f), ctypes.c_int(workers()),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the C attention helper could not allocate its tiles")
+    return mx.array(out).transpose(0, 2, 1, 3).astype(q.dtype)
