@@ -170,3 +170,13 @@ def test_c_form_gives_the_same_result_on_any_number_of_threads(monkeypatch):
 def test_c_form_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("HAM_MLX_NO_C_ATTENTION", "1")
     assert not cpu_attention.available()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_one_query_as_a_view(form):
+    """One query made by q[:, :, None] from [B, H, Dk]: its length-1 axis has a row stride of one
+    element, which a BLAS refuses as a leading dimension."""
+    q, *rest = cache_inputs(2, 2, 1, 5, 0, [5, 5])
+    args = (mx.contiguous(q[:, :, 0])[:, :, None], *rest[:-1])
+    got = form(*args, None, 5)
+    np.testing.assert_allclose(np.array(got), np.array(compact_attention(*args)), atol=2e-6)

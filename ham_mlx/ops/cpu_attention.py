@@ -115,7 +115,12 @@ def chunk_attention_c(
     ba = None if bias2 is None else np.ascontiguousarray(_host(bias2, mx.float32))
     out = np.empty((B, L, HV, Dv), np.float32)
     f = ctypes.c_float
-    strides = [st // 4 for a in (qa, ka, va) for st in a.strides[:3]]
+    # row strides of a length-1 axis are arbitrary; BLAS wants a leading dimension >= the row
+    strides = [
+        st // 4 if (axis < 2 or a.shape[2] > 1) else a.shape[3]
+        for a in (qa, ka, va)
+        for axis, st in enumerate(a.strides[:3])
+    ]
     rc = lib.ham_chunk_attention(
         ctypes.c_int(B), ctypes.c_int(H), ctypes.c_int(HV), ctypes.c_int(L), ctypes.c_int(n),
         ctypes.c_int(Dk), ctypes.c_int(Dv),
