@@ -9,12 +9,17 @@ where a C compiler exists), that helper is loaded first: MLX's `cblas_sgemm` the
 it sends matrix-vector shapes (M = 1 or N = 1: every projection of a decode step) to OpenBLAS's
 `cblas_sgemv`, 3-5x faster there than OpenBLAS 0.3.21's sgemm. Set HAM_MLX_NO_GEMV_SHIM=1 to
 load OpenBLAS alone.
+
+When `mlx.core` was imported first, MLX has bound its BLAS already: if OpenBLAS is in the process
+anyway (LD_PRELOAD), that is reported; otherwise a RuntimeWarning says how to get it (mlx-lm's
+commands import mlx.core before any model).
 """
 
 import ctypes
 import glob
 import os
 import sys
+import warnings
 
 OPENBLAS_PATHS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -43,6 +48,22 @@ def _load_gemv_shim(blas_path: str) -> str | None:
     return None
 
 
+TOO_LATE = (
+    "ham_mlx was imported after mlx.core, so MLX keeps the reference BLAS of its Linux wheel "
+    "(matrix products about 50x slower). Import ham_mlx before mlx.core, or start Python with "
+    "LD_PRELOAD={path} (for mlx-lm's commands, for example)."
+)
+
+
+def _already_loaded(path: str) -> bool:
+    """Whether the library at path is in the process already (e.g. by LD_PRELOAD)."""
+    try:
+        ctypes.CDLL(path, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return True
+
+
 def gemv_shim_routed() -> int:
     """Matmul calls the shim has sent to sgemv so far (0 when it is not loaded)."""
     if loaded_gemv_shim is None:
@@ -59,8 +80,13 @@ def preload_openblas() -> str | None:
         return loaded_openblas
     if _off("HAM_MLX_NO_OPENBLAS"):
         return None
-    if "mlx.core" in sys.modules:  # too late: MLX has already bound its BLAS symbols
-        return None
+    if "mlx.core" in sys.modules:  # too late to choose: MLX has already bound its BLAS symbols
+        path = next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
+        if path and _already_loaded(path):
+            loaded_openblas = path
+        elif path:
+            warnings.warn(TOO_LATE.format(path=path), RuntimeWarning, stacklevel=3)
+        return loaded_openblas
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
             if not _off("HAM_MLX_NO_GEMV_SHIM"):

@@ -72,3 +72,24 @@ def test_c_attention_is_built_where_a_compiler_is_and_loads():
     if ATTENTION_BUILT and _blas.loaded_openblas is not None:
         env_off = os.environ.get("HAM_MLX_NO_C_ATTENTION", "") not in ("", "0")
         assert cpu_attention.available() is not env_off
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="libopenblas0-pthread is not installed")
+def test_importing_mlx_first_warns_unless_openblas_is_preloaded():
+    path = next(p for p in _blas.OPENBLAS_PATHS if os.path.exists(p))
+    code = "import mlx.core; import ham_mlx, ham_mlx._blas as b; print(b.loaded_openblas)"
+    env = {k: v for k, v in os.environ.items() if k not in ("HAM_MLX_NO_OPENBLAS", "LD_PRELOAD")}
+
+    def run(**extra):
+        cmd = [sys.executable, "-c", code]
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+
+    late = run()
+    assert late.stdout.strip() == "None"
+    assert "RuntimeWarning" in late.stderr and f"LD_PRELOAD={path}" in late.stderr
+    preloaded = run(LD_PRELOAD=path)
+    assert preloaded.stdout.strip() == path and "Warning" not in preloaded.stderr
+    first = subprocess.run(
+        [sys.executable, "-c", "import ham_mlx, mlx.core"], env=env, capture_output=True, text=True
+    )
+    assert first.returncode == 0 and "Warning" not in first.stderr
