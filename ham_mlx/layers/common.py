@@ -51,14 +51,22 @@ def causal_short_conv(
     if prev is None:
         prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype)
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)  # [B, Kc-1+L, C]
-    w = weight[:, :, 0].T  # [Kc, C]; w[i : i + 1] is a view, w[i] would be a gather
-    y = xp[:, 0:L] * w[0:1]
+    # compiled: the taps and the SiLU fuse into one pass (eager, each tap is a pass over [L, C])
+    y = maybe_compiled(conv_taps, "conv_taps")(xp, weight[:, :, 0].T)
+    if ends is None or (ends == L).all():
+        return y, xp[:, -(Kc - 1) :]
+    index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
+    return y, mx.take_along_axis(xp, index[..., None], axis=1)
+
+
+def conv_taps(xp: mx.array, w: mx.array) -> mx.array:
+    """SiLU(Σ_i xp[:, i : i + L] * w[i]): xp [B, Kc-1+L, C], w [Kc, C]. Returns [B, L, C]."""
+    Kc = w.shape[0]
+    L = xp.shape[1] - (Kc - 1)
+    y = xp[:, 0:L] * w[0:1]  # w[i : i + 1] is a view, w[i] would be a gather
     for i in range(1, Kc):
         y = y + xp[:, i : i + L] * w[i : i + 1]
-    if ends is None or (ends == L).all():
-        return fast_math.silu(y), xp[:, -(Kc - 1) :]
-    index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
-    return fast_math.silu(y), mx.take_along_axis(xp, index[..., None], axis=1)
+    return fast_math.silu(y)
 
 
 def gated_rms_norm(
