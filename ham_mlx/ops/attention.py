@@ -162,6 +162,15 @@ def fits_exp2(log_scale: mx.array, sink: mx.array, key_bias: bool) -> bool:
     return float(mx.max(mx.maximum(s, sink) - low).item()) <= EXPONENT_RANGE
 
 
+def logit_bound(log_scale: mx.array, sink: mx.array) -> tuple[mx.array, ...]:
+    """The terms `chunk_attention` (and its C form) build on, float32 `[HV]`: the scale
+    s = exp(log_scale), the bound m = max(s, sink) of the logits and the sink's weight
+    exp(sink - m)."""
+    s = mx.exp(log_scale.astype(mx.float32))
+    m = mx.maximum(s, sink.astype(mx.float32))
+    return s, m, mx.exp(sink.astype(mx.float32) - m)
+
+
 def chunk_attention(
     q: mx.array,
     keys: mx.array,
@@ -191,8 +200,7 @@ def chunk_attention(
     HV, n, Dv = values.shape[1], keys.shape[2], values.shape[3]
     q, keys = _repeat_for_value_heads(q, keys, HV)
     f32 = mx.float32
-    s = mx.exp(log_scale.astype(f32))  # [HV]
-    m = mx.maximum(s, sink.astype(f32))
+    s, m, sink_weight = logit_bound(log_scale, sink)  # [HV]
     qx = mx.concatenate([q.astype(f32) * (LOG2E * s)[:, None, None], mx.ones((B, HV, L, 1), f32)],
                         axis=-1)  # [B, HV, L, Dk+1]  # fmt: skip
     shift = mx.broadcast_to((-LOG2E * m)[None, :, None, None], (B, HV, n, 1))
@@ -212,7 +220,7 @@ def chunk_attention(
         acc = p @ vx[:, :, settled:] if acc is None else acc + p @ vx[:, :, settled:]
     if acc is None:  # no key at all
         return mx.zeros((B, HV, L, Dv), q.dtype)
-    sink_p = mx.exp(sink.astype(f32) - m)[None, :, None, None]  # the sink's weight, value 0
+    sink_p = sink_weight[None, :, None, None]  # the sink's value is 0
     return (acc[..., :Dv] / (acc[..., Dv:] + sink_p)).astype(q.dtype)
 
 

@@ -21,8 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ham_mlx import _blas
-
-LOG2E = 1.4426950408889634
+from ham_mlx.ops import attention  # its terms (each module uses the other at call time only)
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -98,12 +97,10 @@ def chunk_attention_c(
         raise RuntimeError("the C attention helper is not loaded (see ham_mlx.ops.cpu_attention)")
     B, H, L, Dk = q.shape
     HV, n, Dv = values.shape[1], keys.shape[2], values.shape[3]
-    f32 = mx.float32
-    s = mx.exp(log_scale.astype(f32))
-    m = mx.maximum(s, sink.astype(f32))
-    scale, shift = LOG2E * s, -LOG2E * m  # [HV]
-    sink_weight = mx.exp(sink.astype(f32) - m)
-    bias2 = None if key_bias is None else LOG2E * key_bias.astype(f32)  # [B, n]
+    log2e = attention.LOG2E
+    s, m, sink_weight = attention.logit_bound(log_scale, sink)
+    scale, shift = log2e * s, -log2e * m  # [HV]
+    bias2 = None if key_bias is None else log2e * key_bias.astype(mx.float32)  # [B, n]
     q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]
     q_pos = mx.broadcast_to(q_pos, (B, L))
     parts = [q, keys, values, scale, shift, sink_weight, counts, key_positions, q_pos]
