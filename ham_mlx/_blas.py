@@ -6,9 +6,12 @@ about 55x faster. Set HAM_MLX_NO_OPENBLAS=1 to turn this off.
 
 When the package was built with its small C helper (`_gemv_shim.c`, compiled by `pip install`
 where a C compiler exists), that helper is loaded first: MLX's `cblas_sgemm` then binds to it, and
-it sends matrix-vector shapes (M = 1 or N = 1: every projection of a decode step) to OpenBLAS's
-`cblas_sgemv`, 3-5x faster there than OpenBLAS 0.3.21's sgemm. Set HAM_MLX_NO_GEMV_SHIM=1 to
-load OpenBLAS alone.
+it computes matrix-vector shapes (M = 1 or N = 1: every projection of a decode step) with its own
+multi-threaded kernels, which stream the matrix at close to the machine's bandwidth (OpenBLAS
+0.3.21 runs them through sgemm, 3-5x slower, and its sgemv reaches about two thirds of the
+bandwidth on a decode step's shapes). HAM_MLX_GEMV_THREADS sets the threads of one product
+(default: the process's CPUs, at most 4); HAM_MLX_OPENBLAS_GEMV=1 sends these products to
+OpenBLAS's sgemv instead; HAM_MLX_NO_GEMV_SHIM=1 loads OpenBLAS alone.
 
 When `mlx.core` was imported first, MLX has bound its BLAS already: if OpenBLAS is in the process
 anyway (LD_PRELOAD), that is reported; otherwise a RuntimeWarning says how to get it (mlx-lm's
@@ -44,6 +47,11 @@ def _load_gemv_shim(blas_path: str) -> str | None:
             continue
         lib.ham_gemv_shim_init.argtypes = [ctypes.c_char_p]
         if lib.ham_gemv_shim_init(blas_path.encode()) == 0:
+            if _off("HAM_MLX_OPENBLAS_GEMV"):
+                lib.ham_gemv_shim_set_own(0)
+            threads = os.environ.get("HAM_MLX_GEMV_THREADS", "")
+            if threads.isdigit() and int(threads) > 0:
+                lib.ham_gemv_shim_set_threads(int(threads))
             return path
     return None
 
@@ -64,13 +72,33 @@ def _already_loaded(path: str) -> bool:
     return True
 
 
-def gemv_shim_routed() -> int:
-    """Matmul calls the shim has sent to sgemv so far (0 when it is not loaded)."""
+def gemv_shim() -> ctypes.CDLL | None:
+    """The loaded shim (its `cblas_sgemm` and settings), or None when it is not loaded."""
     if loaded_gemv_shim is None:
-        return 0
+        return None
     lib = ctypes.CDLL(loaded_gemv_shim)
     lib.ham_gemv_shim_routed.restype = ctypes.c_long
-    return lib.ham_gemv_shim_routed()
+    return lib
+
+
+def gemv_shim_routed() -> int:
+    """Matmul calls the shim has taken as matrix-vector products so far (0: not loaded)."""
+    lib = gemv_shim()
+    return 0 if lib is None else lib.ham_gemv_shim_routed()
+
+
+def use_own_gemv(on: bool) -> None:
+    """Matrix-vector products through the shim's kernels (True) or OpenBLAS's sgemv (False)."""
+    lib = gemv_shim()
+    if lib is not None:
+        lib.ham_gemv_shim_set_own(int(on))
+
+
+def gemv_threads(n: int = 0) -> int:
+    """Set the threads of one matrix-vector product when n >= 1; return the number in use
+    (0: the shim is not loaded)."""
+    lib = gemv_shim()
+    return 0 if lib is None else lib.ham_gemv_shim_set_threads(n)
 
 
 def preload_openblas() -> str | None:
