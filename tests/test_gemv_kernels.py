@@ -20,8 +20,8 @@ P = ctypes.c_void_p
 
 def sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc):
     lib = _blas.gemv_shim()
-    ints, F, N = [ctypes.c_int] * 6, ctypes.c_float, ctypes.c_int
-    lib.cblas_sgemm.argtypes = [*ints, F, P, N, P, N, F, P, N]
+    ints, F, INT = [ctypes.c_int] * 6, ctypes.c_float, ctypes.c_int
+    lib.cblas_sgemm.argtypes = [*ints, F, P, INT, P, INT, F, P, INT]
     lib.cblas_sgemm(ROW_MAJOR, ta, tb, M, N, K, alpha, A.ctypes.data, lda, B.ctypes.data, ldb,
                     beta, C.ctypes.data, ldc)  # fmt: skip
 
