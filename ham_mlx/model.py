@@ -7,6 +7,7 @@ Follows mlx-lm's model contract: `Model(args)(inputs [B, L], cache) -> logits [B
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -15,7 +16,8 @@ import mlx.nn as nn
 from ham_mlx.cache import AttnCache, GDNCache, HAMCache
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.attention import Attention
-from ham_mlx.layers.gdn import GatedDeltaNet
+from ham_mlx.layers.common import DecodePlan, run_plan
+from ham_mlx.layers.gdn import GatedDeltaNet, linear
 from ham_mlx.layers.ham import HAMAttention
 from ham_mlx.ops import fast_math
 
@@ -33,6 +35,18 @@ class GatedMLP(nn.Module):
         return self.down_proj(fast_math.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def block_decode_step(p: dict, h: mx.array, *state, mixer, eps: tuple[float, float]):
+    """One token through a whole block as one pure function (compiled: one call per layer and
+    token instead of a dozen): norm, the mixer's step, residual, norm, MLP, residual.
+    p: {"mixer": the mixer step's params, "block": the norms' and the MLP's weights}."""
+    b = p["block"]
+    y, *outs = mixer(p["mixer"], mx.fast.rms_norm(h, b["attn_norm"], eps[0]), *state)
+    h = h + y
+    m = mx.fast.rms_norm(h, b["mlp_norm"], eps[1])
+    mlp = linear(b["down"], fast_math.silu(linear(b["gate"], m)) * linear(b["up"], m))
+    return (h + mlp, *outs)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_type: str, threshold: float | None):
         super().__init__()
@@ -47,7 +61,28 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(args.hidden_size, eps=args.norm_eps)
         self.mlp = GatedMLP(args.hidden_size, args.intermediate_size)
 
+    def decode_plan(self, x: mx.array, cache: Any, scores: list | None) -> DecodePlan | None:
+        """The whole block's one-token step for x [B, 1, D], where its mixer has one and the
+        MLP's layers are plain (unquantized) Linear layers; None otherwise."""
+        mlp = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        if self.layer_type == "attn" or any(type(m) is not nn.Linear or "bias" in m for m in mlp):
+            return None
+        plan = self.attn.decode_plan(x, cache, scores)
+        if plan is None:
+            return None
+        eps = (self.attn_norm.eps, self.mlp_norm.eps)
+        weights = {
+            "attn_norm": self.attn_norm.weight, "mlp_norm": self.mlp_norm.weight,
+            "gate": mlp[0].weight, "up": mlp[1].weight, "down": mlp[2].weight,
+        }  # fmt: skip
+        step = partial(block_decode_step, mixer=plan.step, eps=eps)
+        params = {"mixer": plan.params, "block": weights}
+        return DecodePlan(("block", plan.key, eps), step, params, plan.state, plan.finish)
+
     def __call__(self, x: mx.array, cache: Any = None, scores: list | None = None) -> mx.array:
+        plan = None if cache is None else self.decode_plan(x, cache, scores)
+        if plan is not None:
+            return run_plan(plan, x)
         if self.layer_type == "ham":
             x = x + self.attn(self.attn_norm(x), cache, scores)
         else:

@@ -185,3 +185,25 @@ def test_quantized_layers_take_the_general_path(router):
     full = model(tokens)
     steps = [model(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])]
     assert np.allclose(np.array(mx.concatenate(steps, axis=1)), np.array(full), atol=1e-4)
+
+
+def test_decode_runs_each_block_as_one_step_unless_its_mlp_is_quantized(mode):
+    import mlx.nn as nn
+
+    mode("fast-compiled")
+    model = make_model(("ham", "gdn", "attn"), hidden_size=64)
+    cache = model.make_cache()
+    x = mx.zeros((1, 1, 64))
+    plans = [layer.decode_plan(x, c, None) for layer, c in zip(model.layers, cache)]
+    assert [p is not None and p.key[0] for p in plans] == ["block", "block", False]
+    assert [p.key[1][0] for p in plans[:2]] == ["ham", "gdn"]
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda path, m: ".mlp." in path)
+    cache = model.make_cache()
+    assert all(layer.decode_plan(x, c, None) is None for layer, c in zip(model.layers, cache))
+    assert all(
+        layer.attn.decode_plan(x, c) is not None for layer, c in zip(model.layers[:2], cache)
+    )
+    tokens = mx.array([[1, 5, 9, 2, 7]])
+    full = model(tokens)  # the quantized MLPs, the mixers' own steps
+    steps = [model(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])]
+    assert np.allclose(np.array(mx.concatenate(steps, axis=1)), np.array(full), atol=1e-4)

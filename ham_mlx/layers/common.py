@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import mlx.core as mx
 import numpy as np
@@ -27,6 +28,25 @@ def maybe_compiled(fn: Callable, key: object) -> Callable:
     if key not in _COMPILED:
         _COMPILED[key] = mx.compile(fn)
     return _COMPILED[key]
+
+
+class DecodePlan(NamedTuple):
+    """One token through a mixer as a pure function of arrays (the fixed-shape decode path):
+    `step(params, x, *state) -> (y, *outs)`, then `finish(outs)` writes outs to the cache.
+    `key` names everything `step` closes over (its compile cache key)."""
+
+    key: tuple
+    step: Callable
+    params: dict
+    state: tuple
+    finish: Callable[[list], None]
+
+
+def run_plan(plan: DecodePlan, x: mx.array) -> mx.array:
+    """The mixer's output y for x [B, 1, D], through its compiled step; updates the cache."""
+    y, *outs = maybe_compiled(plan.step, plan.key)(plan.params, x, *plan.state)
+    plan.finish(outs)
+    return y
 
 
 def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -15,11 +16,12 @@ from ham_mlx.cache.rows import CallRows
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers import common
 from ham_mlx.layers.common import (
+    DecodePlan,
     causal_short_conv,
     check_cache,
     gated_rms_norm,
     l2norm,
-    maybe_compiled,
+    run_plan,
 )
 from ham_mlx.ops.gated_delta import gated_delta, gated_delta_step
 
@@ -103,6 +105,13 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
     if cfg.use_gate:
         gate = linear(p["g_proj"], x).reshape(B, L, HV, Dv).astype(mx.float32)
     return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
+
+
+def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig) -> tuple[mx.array, ...]:
+    """One token through a GDN mixer (`gdn_branch` + output), a pure function: (y, conv, S)."""
+    rec, conv, S = gdn_branch(p, x, conv, S, cfg, one_step=True)
+    r = rnn_output(rec, p, cfg).astype(x.dtype)  # [B, 1, HV, Dv]
+    return linear(p["o_proj"], r.reshape(*x.shape[:2], -1)), conv, S
 
 
 def rnn_output(rec: Recurrence, p: dict, cfg: StepConfig) -> mx.array:
@@ -263,28 +272,32 @@ class GatedDeltaNet(nn.Module):
             S = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_dim), mx.float32)
         return conv, S
 
-    def decode(self, x: mx.array, cache: GDNCache, rows: CallRows) -> mx.array:
-        """One token through the compiled `gdn_branch` + output; updates the cache."""
+    def decode_plan(self, x: mx.array, cache: GDNCache | None, scores=None) -> DecodePlan | None:
+        """The one-token step for x [B, 1, D] (`gdn_decode_step`), or None where the general
+        path must run (see `fast_decode`)."""
+        if cache is None or x.shape[1] != 1:
+            return None
+        check_cache(cache, GDNCache, "gdn")
+        rows = cache.call_rows(x.shape[0], 1)
+        if not self.fast_decode(x, cache, rows):
+            return None
         cfg = self.step_config()
 
-        def step(p, x, conv, S):
-            rec, conv, S = gdn_branch(p, x, conv, S, cfg, one_step=True)
-            r = rnn_output(rec, p, cfg).astype(x.dtype)  # [B, 1, HV, Dv]
-            return linear(p["o_proj"], r.reshape(*x.shape[:2], -1)), conv, S
+        def finish(outs: list) -> None:
+            cache.conv, cache.ssm = outs
+            cache.advance(rows, 1)
 
-        conv, S = self.decode_state(x, cache)
-        y, cache.conv, cache.ssm = maybe_compiled(step, ("gdn", cfg))(
-            self.step_params(), x, conv, S
-        )
-        cache.advance(rows, 1)
-        return y
+        state = self.decode_state(x, cache)
+        step = partial(gdn_decode_step, cfg=cfg)
+        return DecodePlan(("gdn", cfg), step, self.step_params(), state, finish)
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
         B, L, _ = x.shape
+        plan = self.decode_plan(x, cache)
+        if plan is not None:
+            return run_plan(plan, x)
         check_cache(cache, GDNCache, "gdn")
         rows = None if cache is None else cache.call_rows(B, L)
-        if self.fast_decode(x, cache, rows):
-            return self.decode(x, cache, rows)
         rec = self.recurrence(x, cache, rows)
         if cache is not None:
             cache.advance(rows, L)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,7 +13,7 @@ from ham_mlx.admission import admit
 from ham_mlx.cache import HAMCache
 from ham_mlx.cache.kv_buffer import append_slots, scatter_entries
 from ham_mlx.config import ModelArgs
-from ham_mlx.layers.common import check_cache, maybe_compiled
+from ham_mlx.layers.common import DecodePlan, check_cache, run_plan
 from ham_mlx.layers.gdn import GatedDeltaNet, gdn_branch, linear, rnn_output
 from ham_mlx.ops.attention import (
     admitted_attention,
@@ -123,8 +124,15 @@ class HAMAttention(GatedDeltaNet):
             p["router"] = self.router.parameters()
         return p
 
-    def decode(self, x: mx.array, cache: HAMCache, rows, tau: mx.array) -> tuple[mx.array, ...]:
-        """One token through the compiled `decode_step`; updates the cache as `store` does."""
+    def decode_plan(self, x: mx.array, cache: HAMCache | None, scores=None) -> DecodePlan | None:
+        """The one-token step for x [B, 1, D] (`decode_step`), or None where the general path must
+        run; its finish updates the cache as `store` does and appends the score to `scores`."""
+        if cache is None or x.shape[1] != 1:
+            return None
+        check_cache(cache, HAMCache, "ham")
+        rows = cache.begin(x.shape[0], 1)
+        if not self.fast_decode(x, cache, rows) or cache.admission.needs_scores():
+            return None
         cap = cache.admission.reject_cap
         cap = None if cap is None else mx.array(cap, dtype=mx.int32)
         H, HV, Dk, Dv = self.num_heads, self.num_v_heads, self.head_dim, self.head_v_dim
@@ -135,28 +143,30 @@ class HAMAttention(GatedDeltaNet):
         conv, S = self.decode_state(x, cache)
         slots = attended_slots(buffer.bound + 1, buffer.alloc)
         cfg = (self.step_config(), self.router_kind)
-        step = maybe_compiled(lambda *a: decode_step(*a, cfg), ("ham", cfg, cap is None))
-        y, cache.conv, cache.ssm, entries, count, score, admitted = step(
-            self.step_params(), x, conv, S, buffer.entries, buffer.count, rows.positions(1),
-            tau, cap, scratch, slots,
-        )  # fmt: skip
-        buffer.commit(entries, count, 1)
-        cache.admission.observe(score, admitted, None)
-        cache.advance(rows, 1)
-        return y, score
+        tau = cache.admission.tau(self.threshold)
+
+        def finish(outs: list) -> None:
+            cache.conv, cache.ssm, entries, count, score, admitted = outs
+            buffer.commit(entries, count, 1)
+            cache.admission.observe(score, admitted, None)
+            cache.advance(rows, 1)
+            if scores is not None:
+                scores.append(score)
+
+        state = (conv, S, buffer.entries, buffer.count, rows.positions(1), tau, cap, scratch, slots)
+        step = partial(decode_step, cfg=cfg)
+        return DecodePlan(("ham", cfg, cap is None), step, self.step_params(), state, finish)
 
     def __call__(
         self, x: mx.array, cache: HAMCache | None = None, scores: list | None = None
     ) -> mx.array:
         B, L, _ = x.shape
         H, HV = self.num_heads, self.num_v_heads
+        plan = self.decode_plan(x, cache, scores)
+        if plan is not None:
+            return run_plan(plan, x)
         check_cache(cache, HAMCache, "ham")
         rows = None if cache is None else cache.begin(B, L)
-        if self.fast_decode(x, cache, rows) and not cache.admission.needs_scores():
-            y, score = self.decode(x, cache, rows, cache.admission.tau(self.threshold))
-            if scores is not None:
-                scores.append(score)
-            return y
         rec = self.recurrence(x, cache, rows)
         score = self.surprise(x, rec.v, rec.v_hat)  # [B, L]
         if scores is not None:
