@@ -17,7 +17,7 @@ from ham_mlx.cache import AttnCache, GDNCache, HAMCache
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.attention import Attention
 from ham_mlx.layers.common import DecodePlan, run_plan
-from ham_mlx.layers.gdn import GatedDeltaNet, linear
+from ham_mlx.layers.gdn import GatedDeltaNet, SharedStack, linear
 from ham_mlx.layers.ham import HAMAttention
 from ham_mlx.ops import fast_math
 
@@ -43,8 +43,8 @@ def block_decode_step(p: dict, h: mx.array, *state, mixer, eps: tuple[float, flo
     y, *outs = mixer(p["mixer"], mx.fast.rms_norm(h, b["attn_norm"], eps[0]), *state)
     h = h + y
     m = mx.fast.rms_norm(h, b["mlp_norm"], eps[1])
-    mlp = linear(b["down"], fast_math.silu(linear(b["gate"], m)) * linear(b["up"], m))
-    return (h + mlp, *outs)
+    gate, up = mx.split(linear(b["gate_up"], m), 2, axis=-1)  # one product for both
+    return (h + linear(b["down"], fast_math.silu(gate) * up), *outs)
 
 
 class Block(nn.Module):
@@ -71,9 +71,11 @@ class Block(nn.Module):
         if plan is None:
             return None
         eps = (self.attn_norm.eps, self.mlp_norm.eps)
+        if "_gate_up" not in self.mlp.__dict__:
+            self.mlp._gate_up = SharedStack()
         weights = {
             "attn_norm": self.attn_norm.weight, "mlp_norm": self.mlp_norm.weight,
-            "gate": mlp[0].weight, "up": mlp[1].weight, "down": mlp[2].weight,
+            "gate_up": self.mlp._gate_up.get([mlp[0], mlp[1]]), "down": mlp[2].weight,
         }  # fmt: skip
         step = partial(block_decode_step, mixer=plan.step, eps=eps)
         params = {"mixer": plan.params, "block": weights}

@@ -207,3 +207,40 @@ def test_decode_runs_each_block_as_one_step_unless_its_mlp_is_quantized(mode):
     full = model(tokens)  # the quantized MLPs, the mixers' own steps
     steps = [model(tokens[:, i : i + 1], cache) for i in range(tokens.shape[1])]
     assert np.allclose(np.array(mx.concatenate(steps, axis=1)), np.array(full), atol=1e-4)
+
+
+def test_decode_stacks_projections_without_keeping_a_copy_and_follows_new_weights(mode):
+    from mlx.utils import tree_flatten
+
+    mode("fast-compiled")
+    model = make_model(("gdn", "ham"), hidden_size=256)
+    tokens = mx.array([[1, 5, 9, 2, 7]])
+    full = model(tokens)
+
+    def decoded():
+        cache = model.make_cache()
+        return mx.concatenate([model(tokens[:, i : i + 1], cache) for i in range(5)], axis=1)
+
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    mx.eval(full)
+    mx.clear_cache()
+    memory = mx.get_active_memory()
+    np.testing.assert_allclose(np.array(decoded()), np.array(full), atol=1e-4, rtol=0)
+    mx.clear_cache()
+    stacked = sum(
+        s.value.nbytes
+        for layer in model.layers
+        for s in (layer.attn._in_stack, layer.mlp._gate_up)  # the stacks the decode step built
+    )
+    assert mx.get_active_memory() - memory < stacked / 4  # the weights now view the stacks
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(np.array(after[k]), v, err_msg=k)
+    # new weights (a checkpoint loaded, a training step): the stacks follow them
+    rng = np.random.default_rng(5)
+    names = [k for k in before if k.endswith(("q_proj.weight", "up_proj.weight"))]
+    new = [(k, mx.array(rng.normal(size=before[k].shape).astype(np.float32) * 0.05)) for k in names]
+    model.load_weights(new, strict=False)
+    full = model(tokens)
+    np.testing.assert_allclose(np.array(decoded()), np.array(full), atol=1e-4, rtol=0)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ham_mlx import kernels
 from ham_mlx.cache import GDNCache
@@ -78,7 +79,7 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
     """
     B, L, _ = x.shape
     H, HV, Dk, Dv = cfg.H, cfg.HV, cfg.Dk, cfg.Dv
-    qkv = mx.concatenate([linear(p[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
+    qkv, gate, small = input_projections(p, x, cfg)
     if valid is not None:
         qkv = mx.where(valid[..., None], qkv, 0)
     qkv, conv = causal_short_conv(qkv, p["conv"], conv, ends)  # [B, L, C]
@@ -86,7 +87,7 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
     qk = l2norm(qk.reshape(B, L, 2 * H, Dk))  # q and k heads in one pass
     q, k = qk[:, :, :H], qk[:, :, H:]
     v = v.reshape(B, L, HV, Dv)
-    small = linear(p["small"], x).astype(mx.float32)  # [B, L, n]: a | b | ...
+    small = small.astype(mx.float32)  # [B, L, n]: a | b | ...
     g, beta = decay_and_beta(small[..., :HV], small[..., HV : 2 * HV], p["A_log"], p["dt_bias"],
                              cfg.allow_neg_eigval)  # fmt: skip
     if valid is not None:  # padded steps: S <- 1 * S + 0
@@ -101,10 +102,25 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
         o, v_hat = o[:, None], v_hat[:, None]
     else:
         o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S)
-    gate = None
-    if cfg.use_gate:
-        gate = linear(p["g_proj"], x).reshape(B, L, HV, Dv).astype(mx.float32)
+    if gate is not None:
+        gate = gate.reshape(B, L, HV, Dv).astype(mx.float32)
     return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
+
+
+def input_projections(p: dict, x: mx.array, cfg: StepConfig) -> tuple[mx.array, ...]:
+    """q|k|v [B, L, C], the output gate's logits [B, L, HV*Dv] (None without a gate) and the
+    small projections [B, L, n] of x [B, L, D]: one product by p["in_proj"] (the decode step's
+    stacked weight) or one per projection."""
+    if "in_proj" in p:
+        C = 2 * cfg.H * cfg.Dk + cfg.HV * cfg.Dv
+        proj = linear(p["in_proj"], x)
+        if not cfg.use_gate:
+            return proj[..., :C], None, proj[..., C:]
+        G = cfg.HV * cfg.Dv
+        return proj[..., :C], proj[..., C : C + G], proj[..., C + G :]
+    qkv = mx.concatenate([linear(p[n], x) for n in ("q_proj", "k_proj", "v_proj")], axis=-1)
+    gate = linear(p["g_proj"], x) if cfg.use_gate else None
+    return qkv, gate, linear(p["small"], x)
 
 
 def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig) -> tuple[mx.array, ...]:
@@ -144,6 +160,31 @@ class Derived:
         if not (same and all(a is b for a, b in zip(sources, self.sources))):
             self.sources, self.value = tuple(sources), mx.concatenate(sources)
         return self.value
+
+
+class SharedStack:
+    """The weights [n_i, D] of several linear modules stacked as one [sum n_i, D] array, which
+    the modules' own weights then view (row slices share its memory: no copy is kept), so that
+    one product computes all of them. Rebuilt, and the views set again, when one of those
+    weights was replaced (loading, training). Held as a plain attribute, not a parameter."""
+
+    def __init__(self) -> None:
+        self.views: tuple[mx.array, ...] = ()
+        self.value: mx.array | None = None
+
+    def get(self, modules: list[nn.Module]) -> mx.array:
+        weights = [m["weight"] for m in modules]
+        same = len(weights) == len(self.views)
+        if same and all(w is v for w, v in zip(weights, self.views)):
+            return self.value
+        stack = mx.concatenate(weights, axis=0)
+        ends = np.cumsum([w.shape[0] for w in weights]).tolist()
+        views = [stack[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        mx.eval(stack, views)
+        for m, view in zip(modules, views):
+            m["weight"] = view
+        self.value, self.views = stack, tuple(views)
+        return stack
 
 
 def init_decay_params(n: int) -> tuple[mx.array, mx.array]:
@@ -233,6 +274,23 @@ class GatedDeltaNet(nn.Module):
         p.update(A_log=self["A_log"], dt_bias=self["dt_bias"], o_norm=self["o_norm"]["weight"])
         return p
 
+    def in_modules(self) -> list[nn.Module]:
+        """The input projections the decode step computes as one product: q | k | v (| g) |
+        the small ones (`input_projections`' order)."""
+        names = ("q_proj", "k_proj", "v_proj") + (("g_proj",) if self.use_gate else ())
+        return [self[n] for n in names] + self.small_modules()
+
+    def decode_params(self) -> dict:
+        """`step_params` for the decode step: the input projections as one stacked weight."""
+        if "_in_stack" not in self.__dict__:
+            self._in_stack = SharedStack()
+        stack = self._in_stack.get(self.in_modules())
+        p = self.step_params()
+        for name in ("q_proj", "k_proj", "v_proj", "g_proj", "small"):
+            p.pop(name, None)
+        p["in_proj"] = stack
+        return p
+
     def fast_decode(self, x: mx.array, cache: RecurrentState | None, rows: CallRows) -> bool:
         """Whether this call may take the fixed-shape one-token path (CPU, float32, Kc > 1,
         no padding, unquantized projections: the step multiplies by the weights directly)."""
@@ -289,7 +347,7 @@ class GatedDeltaNet(nn.Module):
 
         state = self.decode_state(x, cache)
         step = partial(gdn_decode_step, cfg=cfg)
-        return DecodePlan(("gdn", cfg), step, self.step_params(), state, finish)
+        return DecodePlan(("gdn", cfg), step, self.decode_params(), state, finish)
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
         B, L, _ = x.shape

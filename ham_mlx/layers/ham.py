@@ -155,7 +155,7 @@ class HAMAttention(GatedDeltaNet):
 
         state = (conv, S, buffer.entries, buffer.count, rows.positions(1), tau, cap, scratch, slots)
         step = partial(decode_step, cfg=cfg)
-        return DecodePlan(("ham", cfg, cap is None), step, self.step_params(), state, finish)
+        return DecodePlan(("ham", cfg, cap is None), step, self.decode_params(), state, finish)
 
     def __call__(
         self, x: mx.array, cache: HAMCache | None = None, scores: list | None = None
