@@ -49,8 +49,12 @@ int ham_gemv_shim_init(const char *path) {
   if (!h) return 1;
   real_sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
   real_sgemv = (sgemv_fn)dlsym(h, "cblas_sgemv");
+#if defined(__linux__)
   cpu_set_t set;
   int cpus = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
+#else
+  int cpus = (int)sysconf(_SC_NPROCESSORS_ONLN);
+#endif
   threads_wanted = cpus < 1 ? 1 : cpus > 4 ? 4 : cpus;
   pthread_atfork(NULL, NULL, after_fork_in_child);
   return !(real_sgemm && real_sgemv);
