@@ -38,8 +38,13 @@ def test_exp_matches_float64_like_mlx_does():
     assert relative_error(fast_math.exp(f32(x32[small])), want[small], 0.0) < 3e-7
 
 
+def padded(values: list[float]) -> mx.array:
+    """values followed by zeros up to fast_math.MIN_SIZE elements (the fast forms' minimum)."""
+    return f32(values + [0.0] * (fast_math.MIN_SIZE - len(values)))
+
+
 def test_exp_edges():
-    got = np.array(fast_math.exp(f32([-np.inf, -89.0, -1000.0, 0.0, 1.0, 100.0, np.nan])))
+    got = np.array(fast_math.exp(padded([-np.inf, -89.0, -1000.0, 0.0, 1.0, 100.0, np.nan])))
     assert got[0] == 0.0 and got[1] == 0.0 and got[2] == 0.0  # exactly zero, like mx.exp
     assert got[3] == 1.0
     assert abs(got[4] - np.e) < 1e-6
@@ -51,8 +56,8 @@ def test_exp2_matches_float64():
     y = np.asarray(np.linspace(-126, 127, 300_001), dtype=np.float32)
     want = np.exp2(y.astype(np.float64))
     assert relative_error(fast_math.exp2(f32(y)), want, 0.0) < 4e-7
-    assert float(fast_math.exp2(f32([-np.inf]))[0]) == 0.0
-    assert float(fast_math.exp2(f32([10.0]))[0]) == 1024.0
+    assert float(fast_math.exp2(padded([-np.inf]))[0]) == 0.0
+    assert float(fast_math.exp2(padded([10.0]))[0]) == 1024.0
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "silu"])
@@ -89,6 +94,15 @@ def test_off_switch_gives_mlx_functions(monkeypatch):
     x = mx.random.normal((100,)) * 10
     assert mx.array_equal(fast_math.exp(x), mx.exp(x)).item()
     assert mx.array_equal(fast_math.silu(x), nn.silu(x)).item()
+
+
+def test_small_arrays_use_mlx_and_large_ones_the_fast_forms():
+    x = mx.random.normal((fast_math.MIN_SIZE,), key=mx.random.key(7)) * 10
+    small = x[: fast_math.MIN_SIZE - 1]
+    for f, twin in ((fast_math.exp, mx.exp), (fast_math.silu, nn.silu),
+                    (fast_math.sigmoid, mx.sigmoid)):  # fmt: skip
+        assert mx.array_equal(f(small), twin(small)).item()
+        assert not mx.array_equal(f(x), twin(x)).item()  # a few float32 ulp apart somewhere
 
 
 def test_other_dtypes_use_mlx():

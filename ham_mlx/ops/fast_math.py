@@ -8,7 +8,10 @@ The error matches MLX's own exp (a few float32 ulp); inputs below -88 give exact
 inputs above 88 give about 3e38 instead of inf. Each function has a hand-written gradient.
 
 `enabled()` is true when arrays are computed on the CPU and HAM_MLX_NO_FAST_MATH is unset;
-otherwise every function here is MLX's own (on a GPU those are already fast). The decision is
+otherwise every function here is MLX's own (on a GPU those are already fast). Arrays of fewer
+than MIN_SIZE elements also get MLX's own function: its one operation fuses with its neighbours,
+where these forms take a few kernels of their own (about 20 µs), which costs more than MLX's slow
+exp saves below about 1400 elements (a decode step's gates and short softmaxes). The decision is
 taken when a function is traced, so a compiled function keeps the form it was traced with.
 Twins: `mx.exp`, `mx.sigmoid`, `nn.silu` (tests/test_fast_math.py compares them).
 """
@@ -100,8 +103,11 @@ def _silu_vjp(primals, cotangent, output):
     return (_silu_grad_fused(x, cotangent),)
 
 
+MIN_SIZE = 1024
+
+
 def _use_fast(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and enabled()
+    return x.dtype == mx.float32 and x.size >= MIN_SIZE and enabled()
 
 
 def exp(x: mx.array) -> mx.array:
