@@ -64,11 +64,20 @@ class Block(nn.Module):
     def decode_plan(self, x: mx.array, cache: Any, scores: list | None) -> DecodePlan | None:
         """The whole block's one-token step for x [B, 1, D], where its mixer has one and the
         MLP's layers are plain (unquantized) Linear layers; None otherwise."""
-        mlp = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
-        if self.layer_type == "attn" or any(type(m) is not nn.Linear or "bias" in m for m in mlp):
+        plan = self.mixer_plan(x, cache, scores)
+        return None if plan is None else self.block_plan(plan)
+
+    def mixer_plan(self, x: mx.array, cache: Any, scores: list | None) -> DecodePlan | None:
+        """The mixer's one-token step (GDN and HAM layers with a cache), or None."""
+        if cache is None or self.layer_type == "attn":
             return None
-        plan = self.attn.decode_plan(x, cache, scores)
-        if plan is None:
+        return self.attn.decode_plan(x, cache, scores)
+
+    def block_plan(self, plan: DecodePlan) -> DecodePlan | None:
+        """The mixer's step wrapped with the norms, the MLP and the residuals (None when the
+        MLP's layers are not plain Linear layers)."""
+        mlp = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
+        if any(type(m) is not nn.Linear or "bias" in m for m in mlp):
             return None
         eps = (self.attn_norm.eps, self.mlp_norm.eps)
         if "_gate_up" not in self.mlp.__dict__:
@@ -82,13 +91,19 @@ class Block(nn.Module):
         return DecodePlan(("block", plan.key, eps), step, params, plan.state, plan.finish)
 
     def __call__(self, x: mx.array, cache: Any = None, scores: list | None = None) -> mx.array:
-        plan = None if cache is None else self.decode_plan(x, cache, scores)
+        plan = self.mixer_plan(x, cache, scores)  # planned once: the fallbacks reuse it
+        block = None if plan is None else self.block_plan(plan)
+        if block is not None:
+            return run_plan(block, x)
+        h = self.attn_norm(x)
         if plan is not None:
-            return run_plan(plan, x)
-        if self.layer_type == "ham":
-            x = x + self.attn(self.attn_norm(x), cache, scores)
+            x = x + run_plan(plan, h)
+        elif self.layer_type == "ham":
+            x = x + self.attn.general(h, cache, scores)
+        elif self.layer_type == "gdn":
+            x = x + self.attn.general(h, cache)
         else:
-            x = x + self.attn(self.attn_norm(x), cache)
+            x = x + self.attn(h, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 

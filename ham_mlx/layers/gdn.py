@@ -262,15 +262,22 @@ class GatedDeltaNet(nn.Module):
     def small_modules(self) -> list[nn.Module]:
         return [self["a_proj"], self["b_proj"]]
 
-    def step_params(self) -> dict:
-        """The weights `gdn_branch` reads, by name."""
-        names = ("q_proj", "k_proj", "v_proj", "o_proj") + (("g_proj",) if self.use_gate else ())
-        p = {n: self[n]["weight"] for n in names}
+    def step_params(self, stacked: bool = False) -> dict:
+        """The weights `gdn_branch` reads, by name; stacked (the decode step): the input
+        projections as one weight, "in_proj" (`in_modules`, a `SharedStack`)."""
+        gate = ("g_proj",) if self.use_gate else ()
+        names = ("o_proj",) if stacked else ("q_proj", "k_proj", "v_proj", "o_proj", *gate)
         if "_conv_weight" not in self.__dict__:  # plain attributes (not parameters)
             self._conv_weight, self._small_weight = Derived(), Derived()
+            self._in_stack = SharedStack()
+        p = {}
+        if stacked:  # first: it may set the projections' weights to views of the stack
+            p["in_proj"] = self._in_stack.get(self.in_modules())
+        else:
+            p["small"] = self._small_weight.get([m["weight"] for m in self.small_modules()])
+        p.update({n: self[n]["weight"] for n in names})
         convs = [self[n]["weight"] for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
         p["conv"] = self._conv_weight.get(convs)
-        p["small"] = self._small_weight.get([m["weight"] for m in self.small_modules()])
         p.update(A_log=self["A_log"], dt_bias=self["dt_bias"], o_norm=self["o_norm"]["weight"])
         return p
 
@@ -279,17 +286,6 @@ class GatedDeltaNet(nn.Module):
         the small ones (`input_projections`' order)."""
         names = ("q_proj", "k_proj", "v_proj") + (("g_proj",) if self.use_gate else ())
         return [self[n] for n in names] + self.small_modules()
-
-    def decode_params(self) -> dict:
-        """`step_params` for the decode step: the input projections as one stacked weight."""
-        if "_in_stack" not in self.__dict__:
-            self._in_stack = SharedStack()
-        stack = self._in_stack.get(self.in_modules())
-        p = self.step_params()
-        for name in ("q_proj", "k_proj", "v_proj", "g_proj", "small"):
-            p.pop(name, None)
-        p["in_proj"] = stack
-        return p
 
     def fast_decode(self, x: mx.array, cache: RecurrentState | None, rows: CallRows) -> bool:
         """Whether this call may take the fixed-shape one-token path (CPU, float32, Kc > 1,
@@ -347,13 +343,15 @@ class GatedDeltaNet(nn.Module):
 
         state = self.decode_state(x, cache)
         step = partial(gdn_decode_step, cfg=cfg)
-        return DecodePlan(("gdn", cfg), step, self.decode_params(), state, finish)
+        return DecodePlan(("gdn", cfg), step, self.step_params(stacked=True), state, finish)
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
-        B, L, _ = x.shape
         plan = self.decode_plan(x, cache)
-        if plan is not None:
-            return run_plan(plan, x)
+        return self.general(x, cache) if plan is None else run_plan(plan, x)
+
+    def general(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
+        """The general path (any L, padding, quantized layers, GPU kernels)."""
+        B, L, _ = x.shape
         check_cache(cache, GDNCache, "gdn")
         rows = None if cache is None else cache.call_rows(B, L)
         rec = self.recurrence(x, cache, rows)

@@ -114,8 +114,8 @@ class HAMAttention(GatedDeltaNet):
         router = [self.router.fc1, self.router.fc2] if self.router_kind.learned else []
         return super().step_linears() + [self["kv_gate_proj"], *router]
 
-    def step_params(self) -> dict:
-        p = super().step_params()
+    def step_params(self, stacked: bool = False) -> dict:
+        p = super().step_params(stacked)
         p.update(
             kv_norm=self["kv_norm"]["weight"], attn_log_scale=self["attn_log_scale"],
             attn_sink=self["attn_sink"],
@@ -154,17 +154,22 @@ class HAMAttention(GatedDeltaNet):
                 scores.append(score)
 
         state = (conv, S, buffer.entries, buffer.count, rows.positions(1), tau, cap, scratch, slots)
-        step = partial(decode_step, cfg=cfg)
-        return DecodePlan(("ham", cfg, cap is None), step, self.decode_params(), state, finish)
+        step, params = partial(decode_step, cfg=cfg), self.step_params(stacked=True)
+        return DecodePlan(("ham", cfg, cap is None), step, params, state, finish)
 
     def __call__(
         self, x: mx.array, cache: HAMCache | None = None, scores: list | None = None
     ) -> mx.array:
+        plan = self.decode_plan(x, cache, scores)
+        return self.general(x, cache, scores) if plan is None else run_plan(plan, x)
+
+    def general(
+        self, x: mx.array, cache: HAMCache | None = None, scores: list | None = None
+    ) -> mx.array:
+        """The general path (any L, padding, quantized layers, GPU kernels, a budget's first
+        call)."""
         B, L, _ = x.shape
         H, HV = self.num_heads, self.num_v_heads
-        plan = self.decode_plan(x, cache, scores)
-        if plan is not None:
-            return run_plan(plan, x)
         check_cache(cache, HAMCache, "ham")
         rows = None if cache is None else cache.begin(B, L)
         rec = self.recurrence(x, cache, rows)
