@@ -283,43 +283,6 @@ static void zero(float *y, int n, int inc) {
   for (int i = 0; i < n; ++i) y[(size_t)i * inc] = 0.0f;
 }
 
-/* Through OpenBLAS's sgemv, as the shim did before it had its own kernels. */
-static void openblas_gemv(int ta, int tb, int M, int N, int K, float alpha, const float *A,
-                          int lda, const float *B, int ldb, float beta, float *C, int ldc) {
-  if (beta == 0.0f) { /* C may be uninitialised: never let sgemv scale it */
-    if (M == 1) zero(C, N, 1);
-    else zero(C, M, ldc);
-    beta = 1.0f;
-  }
-  if (M == 1) { /* C[1, N] = op(A)[1, K] op(B)[K, N]: x = row of op(A) */
-    int incx = ta == NO_TRANS ? 1 : lda;
-    if (tb == NO_TRANS) /* B stored [K, N]: C = Bᵀ x */
-      real_sgemv(ROW_MAJOR, TRANS, K, N, alpha, B, ldb, A, incx, beta, C, 1);
-    else /* B stored [N, K]: C = B x */
-      real_sgemv(ROW_MAJOR, NO_TRANS, N, K, alpha, B, ldb, A, incx, beta, C, 1);
-  } else { /* C[M, 1] = op(A)[M, K] op(B)[K, 1]: x = column of op(B) */
-    int incx = tb == NO_TRANS ? ldb : 1;
-    if (ta == NO_TRANS) /* A stored [M, K] */
-      real_sgemv(ROW_MAJOR, NO_TRANS, M, K, alpha, A, lda, B, incx, beta, C, ldc);
-    else /* A stored [K, M] */
-      real_sgemv(ROW_MAJOR, TRANS, K, M, alpha, A, lda, B, incx, beta, C, ldc);
-  }
-}
-
-static int own_gemv(int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
-                    const float *B, int ldb, float beta, float *C, int ldc) {
-  if (M == 1) { /* C[1, N]: x = row of op(A) */
-    int incx = ta == NO_TRANS ? 1 : lda;
-    if (tb == NO_TRANS) /* B stored [K, N] */
-      return gemv(0, K, N, alpha, B, ldb, A, incx, beta, C, 1);
-    return gemv(1, N, K, alpha, B, ldb, A, incx, beta, C, 1); /* B stored [N, K] */
-  }
-  int incx = tb == NO_TRANS ? ldb : 1; /* C[M, 1]: x = column of op(B) */
-  if (ta == NO_TRANS) /* A stored [M, K] */
-    return gemv(1, M, K, alpha, A, lda, B, incx, beta, C, ldc);
-  return gemv(0, K, M, alpha, A, lda, B, incx, beta, C, ldc); /* A stored [K, M] */
-}
-
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A,
                  int lda, const float *B, int ldb, float beta, float *C, int ldc) {
   if (order != ROW_MAJOR || K < 1 || (M != 1 && N != 1)) {
@@ -327,6 +290,22 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
     return;
   }
   __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
-  if (!own_kernels || own_gemv(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc))
-    openblas_gemv(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  /* The product as y = W x (dot) or y = Wᵀ x (axpy), W stored [rows, cols] with stride ld. */
+  int dot, rows, cols, ld, incx, incy;
+  const float *W, *x;
+  if (M == 1) { /* C[1, N] = op(A)[1, K] op(B)[K, N]: x = the row of op(A) */
+    W = B, ld = ldb, x = A, incx = ta == NO_TRANS ? 1 : lda, incy = 1;
+    dot = tb != NO_TRANS; /* B stored [N, K]: C = B x; stored [K, N]: C = Bᵀ x */
+    rows = dot ? N : K, cols = dot ? K : N;
+  } else { /* C[M, 1] = op(A)[M, K] op(B)[K, 1]: x = the column of op(B) */
+    W = A, ld = lda, x = B, incx = tb == NO_TRANS ? ldb : 1, incy = ldc;
+    dot = ta == NO_TRANS; /* A stored [M, K]: C = A x; stored [K, M]: C = Aᵀ x */
+    rows = dot ? M : K, cols = dot ? K : M;
+  }
+  if (own_kernels && gemv(dot, rows, cols, alpha, W, ld, x, incx, beta, C, incy) == 0) return;
+  if (beta == 0.0f) { /* OpenBLAS's sgemv, the twin. C may be uninitialised: never scale it */
+    zero(C, dot ? rows : cols, incy);
+    beta = 1.0f;
+  }
+  real_sgemv(ROW_MAJOR, dot ? NO_TRANS : TRANS, rows, cols, alpha, W, ld, x, incx, beta, C, incy);
 }
