@@ -18,11 +18,13 @@ anyway (LD_PRELOAD), that is reported; otherwise a RuntimeWarning says how to ge
 commands import mlx.core before any model).
 """
 
+import contextlib
 import ctypes
 import glob
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 OPENBLAS_PATHS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -99,6 +101,22 @@ def gemv_threads(n: int = 0) -> int:
     (0: the shim is not loaded)."""
     lib = gemv_shim()
     return 0 if lib is None else lib.ham_gemv_shim_set_threads(n)
+
+
+@contextlib.contextmanager
+def openblas_threads(n: int) -> Iterator[None]:
+    """Run OpenBLAS's products on n threads inside the block (a process-wide setting, restored
+    on exit); nothing happens when OpenBLAS was not loaded."""
+    if loaded_openblas is None:
+        yield
+        return
+    lib = ctypes.CDLL(loaded_openblas)
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)
 
 
 def preload_openblas() -> str | None:

@@ -7,7 +7,9 @@ AdamW) of the same preset with the same weights and batch, traced under its own 
   cache limit (see `ham_mlx.buffer_cache`);
 - `fast math`: `ops.fast_math` only; `written gradient`: the scan's written-out gradient only;
   `buffer cache`: the raised cache limit only;
-- `fast`: all three (the default everywhere).
+- `fast one lane`: all three, the batch in one piece;
+- `fast`: all three, and the batch split over `lanes.default_lanes()` lanes (two on a CPU with
+  two or more cores: `ham_mlx.train.lanes`), the trainer's default.
 The steps are timed in interleaved rounds (`timing.interleaved_step_samples`), medians reported.
 """
 
@@ -23,17 +25,21 @@ import mlx.optimizers as optim
 
 from ham_mlx import buffer_cache
 from ham_mlx.model import Model
+from ham_mlx.ops.gated_delta import saving_for_gradient
 from ham_mlx.presets import preset_args
+from ham_mlx.train.lanes import Lanes, combine, default_lanes, split_rows, token_shares
 from ham_mlx.train.trainer import loss_fn
 
+FAST = {"HAM_MLX_NO_FAST_MATH": "0", "HAM_MLX_AUTODIFF_SCAN": "0"}
 VARIANTS: dict[str, dict[str, str]] = {
     "reference": {"HAM_MLX_NO_FAST_MATH": "1", "HAM_MLX_AUTODIFF_SCAN": "1"},
     "fast math": {"HAM_MLX_NO_FAST_MATH": "0", "HAM_MLX_AUTODIFF_SCAN": "1"},
     "written gradient": {"HAM_MLX_NO_FAST_MATH": "1", "HAM_MLX_AUTODIFF_SCAN": "0"},
     "buffer cache": {"HAM_MLX_NO_FAST_MATH": "1", "HAM_MLX_AUTODIFF_SCAN": "1"},
-    "fast": {"HAM_MLX_NO_FAST_MATH": "0", "HAM_MLX_AUTODIFF_SCAN": "0"},
+    "fast one lane": FAST,
+    "fast": FAST,
 }
-RAISED = ("buffer cache", "fast")
+RAISED = ("buffer cache", "fast one lane", "fast")
 
 
 class TrainStep:
@@ -49,16 +55,29 @@ class TrainStep:
         tokens = mx.random.randint(0, vocab, (batch, seq_len + 1), key=mx.random.key(seed))
         self.x, self.y = tokens[:, :-1], tokens[:, 1:]
         self.mask = mx.ones(self.y.shape)
+        self.lanes = Lanes(default_lanes() if name == "fast" else 1)
         value_and_grad = nn.value_and_grad(self.model, loss_fn)
+        state = [self.model.state, self.optimizer.state]
 
-        def step(x, y, mask):
-            (loss, _), grads = value_and_grad(self.model, x, y, mask)
+        def step(x, y, mask):  # the batch in one piece: one compiled step
+            with saving_for_gradient():  # (the written gradient's; no effect on autodiff)
+                (loss, _), grads = value_and_grad(self.model, x, y, mask)
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             self.optimizer.update(self.model, grads)
             return loss
 
-        state = [self.model.state, self.optimizer.state]
+        def micro(x, y, mask):  # lanes: the trainer's split (one part's gradient, then apply)
+            with saving_for_gradient():
+                (loss, scores), grads = value_and_grad(self.model, x, y, mask)
+            return loss, grads, scores
+
+        def apply(grads):
+            grads, _ = optim.clip_grad_norm(grads, 1.0)
+            self.optimizer.update(self.model, grads)
+
         self._step = mx.compile(step, inputs=state, outputs=state)
+        self._micro = mx.compile(micro, inputs=state, outputs=state)
+        self._apply = mx.compile(apply, inputs=state, outputs=state)
         mx.eval(self.model.parameters(), self.x)
 
     def step(self) -> None:
@@ -70,7 +89,13 @@ class TrainStep:
             if mx.set_cache_limit(limit) != limit:  # another variant's limit: start from empty
                 mx.clear_cache()
         try:
-            loss = self._step(self.x, self.y, self.mask)
+            if self.lanes.n == 1:
+                loss = self._step(self.x, self.y, self.mask)
+            else:
+                parts = split_rows((self.x, self.y, self.mask), self.lanes.n)
+                outs = self.lanes.run(self._micro, parts)
+                loss, grads, _ = combine(outs, token_shares([p[2] for p in parts]))
+                self._apply(grads)
             mx.eval(loss, self.model.state, self.optimizer.state)
         finally:
             for k, v in saved.items():

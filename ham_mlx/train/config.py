@@ -46,6 +46,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     compile: bool = True
+    lanes: int | None = None  # micro-batch parts computed in parallel on the CPU; None: automatic
     progress: bool = True
 
     @classmethod
@@ -166,6 +167,7 @@ CHECKS: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("keep_checkpoints", "int", lambda v: v >= 1, POSITIVE),
     ("seed", "int", lambda v: v >= 0, "an integer >= 0"),
     ("compile", "bool", _any, "true or false"),
+    ("lanes", "int?", lambda v: v is None or v >= 1, POSITIVE + " or null (automatic)"),
     ("progress", "bool", _any, "true or false"),
     ("data.kind", "str", lambda v: v in ("tokens", "mqar"), "'tokens' or 'mqar'"),
     ("data.train", "str?", _any, "a token file path"),

@@ -20,11 +20,13 @@ from ham_mlx.config import ModelArgs
 from ham_mlx.model import Model
 from ham_mlx.model_io import load_model, save_model
 from ham_mlx.ops import fast_math
+from ham_mlx.ops.gated_delta import saving_for_gradient
 from ham_mlx.presets import PRESETS, preset_args
 from ham_mlx.tokenizer import Tokenizer
 from ham_mlx.train import checkpoints
 from ham_mlx.train.config import TrainConfig
 from ham_mlx.train.data import Batches
+from ham_mlx.train.lanes import Lanes, combine, default_lanes, split_rows, token_shares
 from ham_mlx.train.progress import StepClock, duration
 from ham_mlx.train.thresholds import controller_rate, kept_fraction, update_thresholds
 
@@ -102,6 +104,10 @@ class Trainer:
         self.optimizer.init(self.model.trainable_parameters())
         self.step = 0
         self.out = Path(cfg.out_dir)
+        # lanes share one compiled step; uncompiled, arrays the model caches between calls
+        # (stacked weights) would be made on one lane's stream and read on another's
+        lanes = cfg.lanes if cfg.lanes is not None else default_lanes()
+        self.lanes = Lanes(lanes if cfg.compile else 1)
         self._build_steps()
 
     # ---- compiled pieces ---------------------------------------------------------------------
@@ -110,7 +116,8 @@ class Trainer:
         value_and_grad = nn.value_and_grad(model, loss_fn)
 
         def micro(x, y, mask):
-            (loss, scores), grads = value_and_grad(model, x, y, mask)
+            with saving_for_gradient():
+                (loss, scores), grads = value_and_grad(model, x, y, mask)
             return loss, grads, scores
 
         def apply(grads, scores, rate):
@@ -149,7 +156,9 @@ class Trainer:
         losses, all_scores = [], []
         batch = self.batches.train_batch(self.step, cfg.batch_size)  # the global batch
         for m in range(cfg.grad_accum):
-            loss, grads, scores = self._micro(*self._arrays(self._local(batch, m)))
+            parts = [self._arrays(p) for p in split_rows(self._local(batch, m), self.lanes.n)]
+            outs = self.lanes.run(self._micro, parts)
+            loss, grads, scores = combine(outs, token_shares([p[2] for p in parts]))
             total = grads if total is None else tree_map(mx.add, total, grads)
             losses.append(loss)
             all_scores.append(scores)
