@@ -3,6 +3,8 @@
 import ham_mlx  # noqa: F401  (preloads OpenBLAS before mlx.core)
 
 # isort: split
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from ham_mlx.ops.gated_delta import (
     gated_delta,
     gated_delta_chunked,
     gated_delta_sequential,
+    saving_for_gradient,
 )
 
 B, H, HV, DK, DV = 2, 2, 4, 16, 32  # GVA: two value heads per q/k head
@@ -176,9 +179,11 @@ def test_dispatcher(T):
     "T,chunk_size", [(37, 16), (64, 64), (130, 64)], ids=["pad", "one", "three"]
 )
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_written_gradient_matches_autodiff(T, chunk_size, used, compiled):
+@pytest.mark.parametrize("saving", [False, True], ids=["recomputed", "saved"])
+def test_written_gradient_matches_autodiff(T, chunk_size, used, compiled, saving):
     """The chunked scan's written-out gradient against MLX's autodiff of the same forward (GVA,
-    padded last chunks, an initial state, outputs left unused)."""
+    padded last chunks, an initial state, outputs left unused), with the forward's terms
+    recomputed by the gradient or saved for it (`saving_for_gradient`)."""
     inputs = make_inputs(T, seed=7)
     mx.random.seed(8)
     w_o, w_vh = mx.random.normal((B, T, HV, DV)), mx.random.normal((B, T, HV, DV))
@@ -186,7 +191,9 @@ def test_written_gradient_matches_autodiff(T, chunk_size, used, compiled):
 
     def loss(autodiff):
         def scalar(*args):
-            o, v_hat, state = gated_delta_chunked(*args, chunk_size=chunk_size, autodiff=autodiff)
+            with saving_for_gradient() if saving else contextlib.nullcontext():
+                o, v_hat, state = gated_delta_chunked(*args, chunk_size=chunk_size,
+                                                      autodiff=autodiff)  # fmt: skip
             parts = {"all": [(o * w_o).sum(), (v_hat * w_vh).sum(), (state * w_s).sum()],
                      "o-only": [(o * w_o).sum()], "state-only": [(state * w_s).sum()]}  # fmt: skip
             return sum(parts[used])

@@ -12,7 +12,10 @@ Shapes: q, k `[B, T, H, Dk]` (q l2-normalised and scaled by Dk**-0.5, k l2-norma
 GVA: value head j reads q/k head j // (HV // H). All arithmetic is float32.
 """
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 from functools import partial
 
 import mlx.core as mx
@@ -27,6 +30,22 @@ def autodiff_requested() -> bool:
     """HAM_MLX_AUTODIFF_SCAN=1: the chunked scan's gradient by MLX's autodiff of its forward (the
     twin of the written-out gradient; read when a function is traced)."""
     return os.environ.get("HAM_MLX_AUTODIFF_SCAN", "") not in ("", "0")
+
+
+_saving: contextvars.ContextVar[bool] = contextvars.ContextVar("saving", default=False)
+
+
+@contextlib.contextmanager
+def saving_for_gradient() -> Iterator[None]:
+    """Inside the block (a training step's loss, as it is traced), the chunked scan keeps its
+    forward's intermediate terms for its gradient instead of computing them again: less work
+    for the backward pass, more memory alive until it runs. Outside, a forward pass keeps
+    nothing it does not return."""
+    token = _saving.set(True)
+    try:
+        yield
+    finally:
+        _saving.reset(token)
 
 
 def _prepare(q, k, v, g, beta, state):
@@ -171,8 +190,11 @@ def gated_delta_chunked(
     v = mx.contiguous(chunks(v))  # [NC, B, HV, C, Dv]
     g, beta = chunks(g)[..., None], chunks(beta)[..., None]  # [NC, B, HV, C, 1]
     autodiff = autodiff_requested() if autodiff is None else autodiff
-    core = partial(_chunks_forward, autodiff=True) if autodiff else _chunks
-    out, S_end = core(qk, v, g, beta, S.swapaxes(-1, -2))  # out: [NC, B, HV, 2C, Dv]
+    if autodiff:
+        core = partial(_chunks_forward, autodiff=True)
+    else:
+        core = _chunks_saving if _saving.get() else _chunks
+    out, S_end = core(qk, v, g, beta, S.swapaxes(-1, -2))[:2]  # out: [NC, B, HV, 2C, Dv]
 
     def steps(x):  # [NC, B, HV, C, Dv] -> [B, T, HV, Dv]
         return x.transpose(1, 0, 3, 2, 4).reshape(B, NC * C, HV, -1)[:, :T]
@@ -233,14 +255,34 @@ def _chunks(qk, v, g, beta, St):
 
 @_chunks.vjp
 def _chunks_vjp(primals, cotangents, outputs):
-    """The gradient of `_chunks_forward` (see gated_delta_chunked's equations). The carry runs
+    """The gradient of `_chunks_forward`, the forward's terms recomputed (it keeps nothing)."""
+    terms = _chunk_terms(*primals[:4])
+    _, _, starts, us = _carry(terms, primals[4], keep=True)
+    return _chunks_backward(primals, cotangents, terms, starts, us)
+
+
+@mx.custom_function
+def _chunks_saving(qk, v, g, beta, St):
+    """`_chunks` that also returns the terms and the carry's start states and u, so that its
+    gradient reads them instead of computing them again (training: `saving_for_gradient`)."""
+    terms = _chunk_terms(qk, v, g, beta)
+    out, S_end, starts, us = _carry(terms, St, keep=True)
+    return (out, S_end, *terms, starts, us)
+
+
+@_chunks_saving.vjp
+def _chunks_saving_vjp(primals, cotangents, outputs):
+    return _chunks_backward(primals, cotangents, outputs[2:-2], outputs[-2], outputs[-1])
+
+
+def _chunks_backward(primals, cotangents, terms, starts, us):
+    """The gradient of `_chunks_forward` (see gated_delta_chunked's equations) from the
+    forward's terms, start states [NC, B, HV, Dk, Dv] and u [NC, B, HV, C, Dv]. The carry runs
     backwards with two products per chunk; everything else is batched over the chunks."""
     qk, v, g, beta, St0 = primals
     d_out, d_end = cotangents[0], cotangents[1]
     C = v.shape[-2]
-    terms = _chunk_terms(qk, v, g, beta)  # recomputed: the forward keeps nothing for it
     D, gamma, AA, Tinv, gqk, W, U, dkt, gamma_end = terms
-    _, _, starts, us = _carry(terms, St0, keep=True)  # [NC, B, HV, Dk, Dv], [NC, B, HV, C, Dv]
     T = lambda x: x.swapaxes(-1, -2)  # noqa: E731
 
     # The carry, backwards: dS is the cotangent of the state after chunk c.
