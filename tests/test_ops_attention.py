@@ -88,6 +88,30 @@ def test_admitted_attention(Tq, offset, use_bias):
     assert_close(out, attention_reference(q, k, v, mask, log_scale, sink, key_bias))
 
 
+@pytest.mark.parametrize("Tq, offset", [(512, 0), (256, 40)], ids=["training", "with-prefix"])
+def test_causal_blocks_match_one_masked_product(Tq, offset):
+    """split=True (queries halved into causal blocks down to SPLIT_MIN, as on the CPU fast path)
+    against one masked product over all keys: outputs and gradients, with the router's bias."""
+    Tk = offset + Tq
+    q, k, v, log_scale, sink, key_bias = make_inputs(Tq, Tk, seed=11)
+    admitted = mx.array(np.random.default_rng(12).random((B, Tk)) < 0.3)
+
+    def run(split):
+        def f(q, k, v, key_bias):
+            out = admitted_attention(q, k, v, admitted, log_scale, sink, key_bias, offset, split)
+            return (out * out).sum(), out
+
+        (_, out), grads = mx.value_and_grad(f, argnums=(0, 1, 2, 3))(q, k, v, key_bias)
+        return out, grads
+
+    (out_b, grads_b), (out_1, grads_1) = run(True), run(False)
+    np.testing.assert_allclose(np.array(out_b), np.array(out_1), atol=2e-6, rtol=1e-5)
+    for a, b in zip(grads_b, grads_1):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5, rtol=1e-4)
+    mask = admitted_mask(admitted, Tq, offset)
+    assert_close(out_b, attention_reference(q, k, v, mask, log_scale, sink, key_bias))
+
+
 def test_empty_admitted_set_gives_zero():
     q, k, v, log_scale, sink, key_bias = make_inputs(6, 6, seed=6)
     admitted = mx.zeros((B, 6), dtype=mx.bool_)

@@ -12,6 +12,8 @@ from ham_mlx import kernels
 from ham_mlx.kernels import attention as attention_kernel
 from ham_mlx.ops import cpu_attention, fast_math
 
+SPLIT_MIN = 128  # queries per causal block at least (smaller products cost more than they save)
+
 
 def masked_attention(
     q: mx.array,
@@ -77,14 +79,29 @@ def admitted_attention(
     sink: mx.array,
     key_bias: mx.array | None = None,
     offset: int = 0,
+    split: bool | None = None,
 ) -> mx.array:
     """Causal attention over admitted keys (prefill and training).
 
     q `[B, N, Tq, Dk]`; k `[B, N, Tk, Dk]`, v `[B, N, Tk, Dv]` with Tk = offset + Tq (the last Tq
     keys are the queries' own tokens); admitted bool `[B, Tk]`. Query i (position offset + i)
     may attend key s iff s <= offset + i and admitted[b, s]. Returns `[B, N, Tq, Dv]`.
+    split: compute by causal blocks, halving the queries while halves keep SPLIT_MIN (None: with
+    the CPU fast path, `fast_math.enabled()`, for float32).
     """
     Tq, Tk = q.shape[2], k.shape[2]
+    if split is None:
+        split = q.dtype == mx.float32 and fast_math.enabled()
+    if split and Tq >= 2 * SPLIT_MIN and Tq % 2 == 0:
+        # The first half of the queries sees only the keys up to its last position: a quarter
+        # of the logits is skipped here, nearly half over the recursion (twin: split=False).
+        h, seen = Tq // 2, offset + Tq // 2
+        bias_top = None if key_bias is None else key_bias[:, :seen]
+        top = admitted_attention(q[:, :, :h], k[:, :, :seen], v[:, :, :seen], admitted[:, :seen],
+                                 log_scale, sink, bias_top, offset, split)  # fmt: skip
+        bottom = admitted_attention(q[:, :, h:], k, v, admitted, log_scale, sink, key_bias,
+                                    offset + h, split)  # fmt: skip
+        return mx.concatenate([top, bottom], axis=2)
     causal = mx.arange(Tk)[None, :] <= (offset + mx.arange(Tq))[:, None]  # [Tq, Tk]
     mask = causal & admitted[:, None, None, :]  # [B, 1, Tq, Tk]
     return masked_attention(q, k, v, mask, log_scale, sink, key_bias)
