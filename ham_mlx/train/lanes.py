@@ -1,42 +1,24 @@
-"""Data-parallel lanes: one micro-batch split over worker threads on the CPU.
+"""Training lanes: one micro-batch split by rows over `ham_mlx.lanes.Lanes`.
 
-MLX computes a graph's operations one after another on one CPU stream, so on a multi-core CPU
-only OpenBLAS's large products use more than one core: the scan's small products, the
-elementwise work and the copies of a training step run on one. Two streams in one `mx.eval` do
-not help: an eval keeps only about ten operations in flight, in the graph's depth-first order, so
-the second stream's part starts when the first one's is almost done.
-
-`Lanes(n)` splits each micro-batch into n parts by rows. Each part's loss and gradient are
-computed and evaluated on a worker thread of its own, with an MLX stream of its own, while
-OpenBLAS runs single-threaded (each lane then keeps one core busy instead of two OpenBLAS threads
-contending with the other lane). `combine` weights each part by its share of the micro-batch's
-counted tokens, so the loss and the gradient equal the whole micro-batch's up to float rounding.
-Calls of the (compiled) step function itself are made one at a time: tracing or replaying a
-compiled function swaps the model's shared state in and out.
-
-`default_lanes()`: HAM_MLX_TRAIN_LANES, else 2 on a CPU device with two or more CPUs, else 1 (a
-GPU runs one stream's operations in parallel already). Twin: lanes=1, the micro-batch in one piece.
+Each part's loss and gradient are computed and evaluated on a lane; `combine` weights each part
+by its share of the micro-batch's counted tokens, so the loss and the gradient equal the whole
+micro-batch's up to float rounding. `default_lanes()`: HAM_MLX_TRAIN_LANES, else 2 on a CPU device
+with two or more CPUs, else 1. Twin: lanes=1, the micro-batch in one piece.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
-from ham_mlx import _blas
+from ham_mlx.lanes import Lanes, on_cpu_cores
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+__all__ = ["Lanes", "combine", "default_lanes", "split_rows", "token_shares"]
 
 
 def default_lanes() -> int:
@@ -46,7 +28,7 @@ def default_lanes() -> int:
         if not given.isdigit() or int(given) < 1:
             raise ValueError(f"HAM_MLX_TRAIN_LANES={given!r}: must be an integer >= 1")
         return int(given)
-    return 2 if mx.default_device() == mx.cpu and cpu_count() >= 2 else 1
+    return on_cpu_cores()
 
 
 def split_rows(arrays: Sequence[np.ndarray | None], n: int) -> list[tuple[np.ndarray | None, ...]]:
@@ -75,69 +57,3 @@ def token_shares(masks: Sequence[np.ndarray]) -> list[float]:
     counts = [float(m.sum()) for m in masks]
     total = sum(counts)
     return [c / total for c in counts] if total > 0 else [1 / len(counts)] * len(counts)
-
-
-class _Worker:
-    """A daemon thread with an MLX stream of its own, running the calls it is handed.
-
-    Workers live as long as the process. A thread that ends destroys what MLX keeps per thread
-    (its compiled graphs, whose gradient functions are Python objects); when that happens while
-    the interpreter shuts down, the thread cannot take the GIL and the process aborts. A daemon
-    thread that waits on its queue at exit is simply not resumed."""
-
-    def __init__(self, name: str) -> None:
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._loop, name=name, daemon=True).start()
-
-    def _loop(self) -> None:
-        stream = mx.new_stream(mx.default_device())  # streams belong to the thread that made them
-        while True:
-            fn, done = self.jobs.get()
-            try:
-                with mx.stream(stream):
-                    done.set_result(fn())
-            except BaseException as e:  # handed to the caller
-                done.set_exception(e)
-
-
-_workers: list[_Worker] = []
-_workers_lock = threading.Lock()
-
-
-def _worker(i: int) -> _Worker:
-    with _workers_lock:
-        while len(_workers) <= i:
-            _workers.append(_Worker(f"ham-lane-{len(_workers)}"))
-        return _workers[i]
-
-
-class Lanes:
-    """n lanes: `run` evaluates one call per part, on worker threads when there are several."""
-
-    def __init__(self, n: int) -> None:
-        if n < 1:
-            raise ValueError(f"lanes={n}: must be >= 1")
-        self.n = n
-        self._call_lock = threading.Lock()
-
-    def run(self, fn: Callable[..., Any], parts: list[tuple]) -> list[Any]:
-        """fn(*part) for each part, evaluated; in parallel on the lanes when there are several."""
-        if self.n == 1 or len(parts) == 1:
-            outs = [fn(*p) for p in parts]
-            mx.eval(outs)
-            return outs
-        # made here, so on this thread's stream: a lane could not evaluate them
-        mx.eval([a for p in parts for a in p if isinstance(a, mx.array)])
-        with _blas.openblas_threads(1):
-            futures = []
-            for i, part in enumerate(parts):
-                done: Future = Future()
-                _worker(i).jobs.put((partial(self._evaluate, fn, part), done))
-                futures.append(done)
-            return [f.result() for f in futures]
-
-    def _evaluate(self, fn: Callable[..., Any], part: tuple) -> Any:
-        with self._call_lock:  # tracing or replaying a compiled function swaps shared state
-            out = fn(*part)
-        mx.eval(out)
-        return out
