@@ -7,8 +7,10 @@ second stream's part starts when the first one's is almost done. `Lanes(n).run(f
 evaluates fn(*part) for each part on a worker thread of its own, each with an MLX stream of its
 own, while OpenBLAS runs on the CPUs divided by the lanes (one thread each on two cores: each
 lane keeps one core busy instead of two OpenBLAS threads contending with the other lane; measured
-on two cores only). Users: the trainer (`ham_mlx.train.lanes`) and the
-chunked scan of a prefill (`ham_mlx.ops.gated_delta`).
+on two cores only). User: the trainer (`ham_mlx.train.lanes`). A prefill's chunked scan split
+by heads over two lanes was measured and dropped: a 4096-token prefill of the `base` preset ran
+at 0.91x (all-GDN) and 1.05x (HAM-10%) of the one-piece speed, the evaluation barrier each
+layer then needs costing about what the scan's halves gained.
 
 Calls of fn itself are made one at a time (tracing or replaying a compiled function swaps the
 model's shared state); the parts' arrays are evaluated on the caller's thread first (an array is

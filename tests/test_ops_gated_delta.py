@@ -207,24 +207,6 @@ def test_written_gradient_matches_autodiff(T, chunk_size, used, compiled, saving
         assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("rows", [2, 1], ids=["by-rows", "by-heads"])
-def test_lanes_match_one_piece(rows, monkeypatch):
-    """An eager scan on two lanes (rows split, or for one row the q/k heads with their value
-    heads) gives the one-piece chunked scan's outputs and state exactly; one lane is one piece."""
-    from ham_mlx.ops import gated_delta as module
-
-    inputs = [x[:rows] for x in make_inputs(200, seed=10)]
-    whole = gated_delta_chunked(*inputs, chunk_size=64)
-    monkeypatch.setenv("HAM_MLX_SCAN_LANES", "2")
-    assert module.scan_lanes() == 2
-    monkeypatch.setattr(module, "_scan_lanes", {})
-    for a, b in zip(gated_delta(*inputs, lanes=True), whole):
-        np.testing.assert_array_equal(np.array(a), np.array(b))
-    assert list(module._scan_lanes) == [2]  # the lanes ran
-    monkeypatch.setenv("HAM_MLX_SCAN_LANES", "1")
-    assert module.scan_lanes() == 1
-
-
 def test_autodiff_switch(monkeypatch):
     """HAM_MLX_AUTODIFF_SCAN=1 selects the autodiff twin; both give the same forward."""
     from ham_mlx.ops import gated_delta as module

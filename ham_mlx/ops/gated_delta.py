@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from functools import partial
 
 import mlx.core as mx
-import numpy as np
 
 from ham_mlx import kernels
 from ham_mlx.kernels import scan as scan_kernel
-from ham_mlx.lanes import Lanes, on_cpu_cores
 
 SEQUENTIAL_MAX_T = 8  # measured crossover on Linux CPU (B=1..8, HV=4..16, Dk=64, Dv=128)
 
@@ -352,11 +350,9 @@ def gated_delta(
     g: mx.array,
     beta: mx.array,
     state: mx.array | None = None,
-    lanes: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Gated delta rule returning (o, v̂, state): the GPU kernel when enabled; else sequential
-    for short inputs and chunked for long ones. lanes: an eager call (a prefill; not inside
-    mx.compile, as it evaluates its inputs) may run the chunked scan on `scan_lanes()` lanes."""
+    for short inputs and chunked for long ones."""
     if kernels.kernels_enabled():
         if scan_kernel.supported(q, v):
             if state is None:
@@ -367,50 +363,7 @@ def gated_delta(
     if T <= SEQUENTIAL_MAX_T:
         return gated_delta_sequential(q, k, v, g, beta, state)
     chunk_size = min(64, max(16, 1 << (T - 1).bit_length()))  # less padding for short inputs
-    n = scan_lanes() if lanes and T >= LANES_MIN_T else 1
-    if n > 1:
-        return _chunked_on_lanes(q, k, v, g, beta, state, chunk_size, n)
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
-
-
-LANES_MIN_T = 128  # shorter scans are not worth an evaluation barrier
-_scan_lanes: dict[int, Lanes] = {}
-
-
-def scan_lanes() -> int:
-    """Lanes for an eager chunked scan: HAM_MLX_SCAN_LANES when set (1: none), else
-    `ham_mlx.lanes.on_cpu_cores()` (2 on a CPU with two or more cores)."""
-    given = os.environ.get("HAM_MLX_SCAN_LANES", "").strip()
-    return max(1, int(given)) if given.isdigit() else on_cpu_cores()
-
-
-def _chunked_on_lanes(q, k, v, g, beta, state, chunk_size: int, n: int):
-    """`gated_delta_chunked` with the rows (B >= n) or else the q/k heads (and their value
-    heads) split over n lanes; the parts are independent. Falls back to one piece when neither
-    splits. Its twin is the one-piece call (tests/test_ops_gated_delta.py)."""
-    B, H, HV = q.shape[0], q.shape[2], v.shape[2]
-    if B >= n:
-        cut = np.linspace(0, B, n + 1).round().astype(int)
-        pieces = [(slice(a, b), slice(None), slice(None)) for a, b in zip(cut[:-1], cut[1:])]
-    elif H % n == 0:
-        h, hv = H // n, HV // n
-        pieces = [(slice(None), slice(i * h, (i + 1) * h), slice(i * hv, (i + 1) * hv))
-                  for i in range(n)]  # fmt: skip
-    else:
-        return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
-    parts = [
-        (q[rows, :, qk], k[rows, :, qk], v[rows, :, vh], g[rows, :, vh], beta[rows, :, vh],
-         None if state is None else state[rows, vh])
-        for rows, qk, vh in pieces
-    ]  # fmt: skip
-    lanes = _scan_lanes.setdefault(n, Lanes(n))
-    outs = lanes.run(partial(gated_delta_chunked, chunk_size=chunk_size), parts)
-    by_rows = B >= n
-    return (
-        mx.concatenate([o[0] for o in outs], axis=0 if by_rows else 2),
-        mx.concatenate([o[1] for o in outs], axis=0 if by_rows else 2),
-        mx.concatenate([o[2] for o in outs], axis=0 if by_rows else 1),
-    )
 
 
 @mx.custom_function
