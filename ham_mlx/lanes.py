@@ -33,6 +33,7 @@ from ham_mlx import _blas
 
 
 def cpu_count() -> int:
+    """The CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import mlx.core as mx
 
 from ham_mlx import _blas
+from ham_mlx.lanes import cpu_count
 
 
 def _cpu_model() -> str:
@@ -40,7 +41,7 @@ def _version(package: str) -> str | None:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, load, OS, Python and library versions, the BLAS in use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cpu_count()
     mem = _memory_bytes()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {

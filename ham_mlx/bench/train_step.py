@@ -27,7 +27,7 @@ from ham_mlx import buffer_cache
 from ham_mlx.model import Model
 from ham_mlx.ops.gated_delta import saving_for_gradient
 from ham_mlx.presets import preset_args
-from ham_mlx.train.lanes import Lanes, combine, default_lanes, split_rows, token_shares
+from ham_mlx.train.lanes import Lanes, default_lanes, split_step
 from ham_mlx.train.trainer import loss_fn
 
 FAST = {"HAM_MLX_NO_FAST_MATH": "0", "HAM_MLX_AUTODIFF_SCAN": "0"}
@@ -92,9 +92,7 @@ class TrainStep:
             if self.lanes.n == 1:
                 loss = self._step(self.x, self.y, self.mask)
             else:
-                parts = split_rows((self.x, self.y, self.mask), self.lanes.n)
-                outs = self.lanes.run(self._micro, parts)
-                loss, grads, _ = combine(outs, token_shares([p[2] for p in parts]))
+                loss, grads, _ = split_step(self.lanes, self._micro, self.x, self.y, self.mask)
                 self._apply(grads)
             mx.eval(loss, self.model.state, self.optimizer.state)
         finally:

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from ham_mlx import _blas
+from ham_mlx.lanes import cpu_count
 from ham_mlx.ops import attention  # its terms (each module uses the other at call time only)
 
 _lib: ctypes.CDLL | None = None
@@ -60,7 +61,7 @@ def workers() -> int:
     value = os.environ.get("HAM_MLX_C_ATTENTION_THREADS", "")
     if value:
         return max(1, int(value))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cpu_count()
 
 
 def _host(x: mx.array, dtype: mx.Dtype) -> np.ndarray:

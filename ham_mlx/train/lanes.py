@@ -9,7 +9,7 @@ with two or more CPUs, else 1. Twin: lanes=1, the micro-batch in one piece.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -18,7 +18,7 @@ from mlx.utils import tree_map
 
 from ham_mlx.lanes import Lanes, on_cpu_cores
 
-__all__ = ["Lanes", "combine", "default_lanes", "split_rows", "token_shares"]
+__all__ = ["Lanes", "combine", "default_lanes", "split_rows", "split_step", "token_shares"]
 
 
 def default_lanes() -> int:
@@ -57,3 +57,10 @@ def token_shares(masks: Sequence[np.ndarray]) -> list[float]:
     counts = [float(m.sum()) for m in masks]
     total = sum(counts)
     return [c / total for c in counts] if total > 0 else [1 / len(counts)] * len(counts)
+
+
+def split_step(lanes: Lanes, micro: Callable[..., Any], x: mx.array, y: mx.array, mask: mx.array):
+    """micro(x, y, mask) -> (loss, grads, scores) for the rows split over the lanes, combined
+    into the whole batch's."""
+    parts = split_rows((x, y, mask), lanes.n)
+    return combine(lanes.run(micro, parts), token_shares([p[2] for p in parts]))

@@ -26,7 +26,7 @@ from ham_mlx.tokenizer import Tokenizer
 from ham_mlx.train import checkpoints
 from ham_mlx.train.config import TrainConfig
 from ham_mlx.train.data import Batches
-from ham_mlx.train.lanes import Lanes, combine, default_lanes, split_rows, token_shares
+from ham_mlx.train.lanes import Lanes, default_lanes, split_step
 from ham_mlx.train.progress import StepClock, duration
 from ham_mlx.train.thresholds import controller_rate, kept_fraction, update_thresholds
 
@@ -156,9 +156,8 @@ class Trainer:
         losses, all_scores = [], []
         batch = self.batches.train_batch(self.step, cfg.batch_size)  # the global batch
         for m in range(cfg.grad_accum):
-            parts = [self._arrays(p) for p in split_rows(self._local(batch, m), self.lanes.n)]
-            outs = self.lanes.run(self._micro, parts)
-            loss, grads, scores = combine(outs, token_shares([p[2] for p in parts]))
+            x, y, mask = self._arrays(self._local(batch, m))
+            loss, grads, scores = split_step(self.lanes, self._micro, x, y, mask)
             total = grads if total is None else tree_map(mx.add, total, grads)
             losses.append(loss)
             all_scores.append(scores)
