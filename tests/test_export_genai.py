@@ -6,11 +6,13 @@ import ham_mlx  # noqa: F401
 
 # isort: split
 import json
+from functools import partial
 
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import LAYER_CONFIGS, make_model
+from greedy import is_prefix, onnx_next_logits, tie_aware_greedy
 
 from ham_mlx import load, stream_generate
 from ham_mlx.export import export_onnx
@@ -146,4 +148,8 @@ def test_quantized_folder_under_genai(tmp_path):
     om, tok = OnnxModel(out), Tokenizer.from_file(out / "tokenizer.model")
     for b, prompt in enumerate(BATCH[:3]):
         alone = batch_generate(om, tok, [prompt], max_tokens=32)[0]
+        if got[b][: len(alone)] != alone:  # a near-tie: the batch and the row round differently
+            follows = partial(is_prefix, whole=got[b])
+            alone = tie_aware_greedy(onnx_next_logits(om, 96), tok.encode(prompt), 32, follows,
+                                     tok.eos_id)  # fmt: skip
         assert got[b][: len(alone)] == alone

@@ -110,7 +110,8 @@ def test_chat_answers_one_turn_on_the_bundled_model():
     _, tokenizer = load(folder)
     want = ours(folder, tokenizer.encode("User: Who goes there?\nAssistant:"))
     assert len(want.strip()) > 0
-    assert want in ANSI.sub("", out), out
+    # mlx-lm's streaming detokenizer drops the space that opens a SentencePiece answer
+    assert want.strip() in ANSI.sub("", out), out
 
 
 def free_port() -> int:

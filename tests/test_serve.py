@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from greedy import SeededDraws, mlx_next_logits, tie_aware_greedy
 
 from ham_mlx.cli import main
 from ham_mlx.generate import stream_generate
@@ -115,9 +116,27 @@ def continuation(local, prompt, ids: list[int]) -> str:
     return tokenizer.decode(head + ids)[len(tokenizer.decode(head)) :]
 
 
-def reference(local, prompt, max_tokens=N, **kwargs) -> str:
-    """The served answer of prompt, from `ham_mlx.generate`'s tokens for it alone."""
-    return continuation(local, prompt, reference_ids(local, prompt, max_tokens, **kwargs))
+def reference(local, prompt, max_tokens=N, served: str | None = None, **kwargs) -> str:
+    """The served answer of prompt, from `ham_mlx.generate`'s tokens for it alone. With served
+    (the answer under test), where served took the other side of a near-tie, the reference
+    follows it there (tests/greedy.py): the server and `generate` round differently."""
+    text = continuation(local, prompt, reference_ids(local, prompt, max_tokens, **kwargs))
+    if served is None or served == text:
+        return text
+    model, tokenizer = local
+    head = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    eos = tokenizer.eos_id
+
+    def follows(ids: list[int]) -> bool:
+        answer = continuation(local, head, ids)
+        return served == answer if ids[-1] == eos else served.startswith(answer)
+
+    if kwargs.get("temperature", 0.0) == 0.0:
+        ids = tie_aware_greedy(mlx_next_logits(model), head, max_tokens, follows, eos)
+    else:
+        sampler = SeededDraws(model, kwargs["seed"], kwargs["temperature"], kwargs["top_p"])
+        ids = tie_aware_greedy(sampler.next_logits, head, max_tokens, follows, eos, sampler.draw)
+    return continuation(local, head, ids)
 
 
 def complete(client, prompt=PROMPT, max_tokens=N, **kwargs):
@@ -157,7 +176,8 @@ def test_completion_matches_generate(client, local):
     r = complete(client)
     _, tokenizer = local
     assert r.model == MODEL_ID and r.object == "text_completion"
-    assert r.choices[0].text == reference(local, PROMPT)
+    text = r.choices[0].text
+    assert text == reference(local, PROMPT, served=text)
     assert r.choices[0].text.strip()
     assert r.choices[0].finish_reason == "length"
     n_prompt = len(tokenizer.encode(PROMPT))
@@ -171,7 +191,7 @@ def test_completion_matches_generate(client, local):
 def test_stream_completion_matches_plain_and_generate(client, local):
     text, chunks = streamed_text(complete(client, stream=True))
     assert len(chunks) > 2
-    assert text == complete(client).choices[0].text == reference(local, PROMPT)
+    assert text == complete(client).choices[0].text == reference(local, PROMPT, served=text)
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.usage is None for c in chunks)  # no usage unless asked for
@@ -186,7 +206,8 @@ def test_stream_include_usage_sends_a_last_usage_chunk(client, local):
     assert last.usage.prompt_tokens == len(local[1].encode(PROMPT))
     assert len(last.usage.kv_fraction) == 4 and last.usage.kv_bytes > 0
     assert all(c.usage is None and len(c.choices) == 1 for c in content)
-    assert "".join(c.choices[0].text for c in content) == reference(local, PROMPT)
+    text = "".join(c.choices[0].text for c in content)
+    assert text == reference(local, PROMPT, served=text)
     assert content[-1].choices[0].finish_reason == "length"
 
 
@@ -228,11 +249,11 @@ def test_chat_matches_generate(client, local):
     ]
     prompt, stops = chat_prompt(messages)
     assert "System: You speak in verse.\nUser: What of the night?\nAssistant:" in prompt
-    expected = reference(local, prompt)
-    for stop in stops:
-        expected = expected.split(stop)[0]
     kw = dict(model=MODEL_ID, messages=messages, max_tokens=N, temperature=0)
     r = client.chat.completions.create(**kw)
+    expected = reference(local, prompt, served=r.choices[0].message.content)
+    for stop in stops:
+        expected = expected.split(stop)[0]
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == expected
@@ -248,11 +269,12 @@ def test_chat_matches_generate(client, local):
 
 def test_token_id_prompt(client, local):
     ids = local[1].encode(PROMPT)
-    assert complete(client, prompt=ids).choices[0].text == reference(local, PROMPT)
+    text = complete(client, prompt=ids).choices[0].text
+    assert text == reference(local, PROMPT, served=text)
 
 
 def test_stop_strings(client, local):
-    full = reference(local, PROMPT)
+    full = reference(local, PROMPT, served=complete(client).choices[0].text)
     stop = full[5:8]  # cut the answer inside its first word(s)
     expected = full[: full.index(stop)]
     r = complete(client, stop=[stop, "never appears"])
@@ -264,8 +286,8 @@ def test_stop_strings(client, local):
 
 def test_seeded_sampling_is_reproducible(client, local):
     sampling = dict(temperature=1.0, top_p=0.9, seed=7)
-    expected = reference(local, PROMPT, **sampling)
     texts = [complete(client, **sampling).choices[0].text for _ in range(2)]
+    expected = reference(local, PROMPT, served=texts[0], **sampling)
     assert texts == [expected, expected]
     assert expected != reference(local, PROMPT)
 
@@ -289,7 +311,6 @@ def test_ham_controls_move_kv_fraction(client):
 
 def test_concurrent_clients_get_their_serial_answers(server, local):
     prompts = [PROMPT, "Now is the winter", "O Romeo, Romeo"]
-    expected = {p: reference(local, p) for p in prompts}
     jobs = [(p, stream) for p in prompts for stream in (False, True)]
 
     def ask(job):
@@ -299,6 +320,8 @@ def test_concurrent_clients_get_their_serial_answers(server, local):
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
+    served = dict(zip(jobs, answers))
+    expected = {p: reference(local, p, served=served[p, False]) for p in prompts}
     assert answers == [expected[p] for p, _ in jobs]
 
 
@@ -373,7 +396,8 @@ def test_openai_client_raises_on_bad_request(client):
 
 def test_good_request_after_bad_ones(server, client, local):
     assert server.post("/v1/completions", "{oops").status_code == 400
-    assert complete(client).choices[0].text == reference(local, PROMPT)
+    text = complete(client).choices[0].text
+    assert text == reference(local, PROMPT, served=text)
 
 
 def test_stream_disconnect_stops_generation(server, client):
@@ -441,7 +465,6 @@ def test_generation_error_is_500_and_the_worker_goes_on(local):
     from ham_mlx.serve.engine import Engine
 
     model, tokenizer = local
-    expected = reference(local, PROMPT, max_tokens=4)
 
     class FailOnce:
         """The model, except that its first cache cannot be made."""
@@ -476,7 +499,8 @@ def test_generation_error_is_500_and_the_worker_goes_on(local):
         assert r.json()["error"]["type"] == "server_error"
         assert "no memory for the cache" in r.json()["error"]["message"]
         r = httpx.post(url, json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        text = r.json()["choices"][0]["text"]
+        assert r.status_code == 200 and text == reference(local, PROMPT, 4, served=text)
     finally:
         srv.should_exit = True
         thread.join(timeout=15)
@@ -504,7 +528,8 @@ def test_folder_model_id_and_chat_template(folder_server, local):
     )
     prompt = "[user] Hail\n[assistant]"
     assert r.usage.prompt_tokens == len(local[1].encode(prompt))
-    assert r.choices[0].message.content == reference(local, prompt)
+    text = r.choices[0].message.content
+    assert text == reference(local, prompt, served=text)
     assert "chat template: " + str(folder_server.log.parent) in folder_server.log.read_text()
 
 
