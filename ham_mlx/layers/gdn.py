@@ -66,7 +66,9 @@ def linear(w, x: mx.array) -> mx.array:
     return x @ w.T if isinstance(w, mx.array) else w(x)
 
 
-def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_step=False):
+def gdn_branch(
+    p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_step=False, cached=False
+):
     """The GDN branch of a layer for x [B, L, D] (spec §3 steps 1-7), as a pure function: the
     general path calls it, and the one-token decode step calls it compiled (`one_step`: L = 1,
     the scan as `gated_delta_step`, two passes over the state).
@@ -75,6 +77,7 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
     the q|k|v conv weights, "small" the a|b(|kv_gate) projections stacked); conv [B, Kc-1, C]
     or None (zeros); S [B, HV, Dv, Dk] or None; valid [B, L] bool and ends [B]: the real tokens
     (padding leaves the conv inputs and the state as they were: zeroed inputs, decay 1, beta 0).
+    cached: a cached call (generation), which no gradient goes through (see `gated_delta`).
     Returns (Recurrence, the new conv inputs, the new state).
     """
     B, L, _ = x.shape
@@ -101,7 +104,7 @@ def gdn_branch(p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_
                                        S.astype(mx.float32))  # fmt: skip
         o, v_hat = o[:, None], v_hat[:, None]
     else:
-        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S)
+        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S, cached)
     if gate is not None:
         gate = gate.reshape(B, L, HV, Dv).astype(mx.float32)
     return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
@@ -230,7 +233,8 @@ class GatedDeltaNet(nn.Module):
         ends = None if valid is None else rows.stop
         conv, S = (None, None) if cache is None else (cache.conv, cache.ssm)
         p = self.branch_params()
-        rec, conv, S = gdn_branch(p, x, conv, S, self.step_config(), valid, ends)
+        rec, conv, S = gdn_branch(p, x, conv, S, self.step_config(), valid, ends,
+                                  cached=cache is not None)  # fmt: skip
         if cache is not None:
             cache.conv, cache.ssm = conv, S
         return rec

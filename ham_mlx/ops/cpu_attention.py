@@ -14,39 +14,20 @@ and HAM_MLX_NO_C_ATTENTION is unset. Its twin is `ham_mlx.ops.attention.chunk_at
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx import _blas
-from ham_mlx.lanes import cpu_count
 from ham_mlx.ops import attention  # its terms (each module uses the other at call time only)
-
-_lib: ctypes.CDLL | None = None
-_tried = False
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if _tried:
-        return _lib
-    _tried = True
-    if _blas.loaded_openblas is None:
-        return None
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for path in sorted(glob.glob(os.path.join(here, "_attention_cpu*.so"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        lib.ham_attention_init.argtypes = [ctypes.c_char_p]
-        if lib.ham_attention_init(_blas.loaded_openblas.encode()) == 0:
-            lib.ham_chunk_attention.restype = ctypes.c_int
-            _lib = lib
-            break
-    return _lib
+    lib = load_helper("_attention_cpu", "ham_attention_init")
+    if lib is not None:
+        lib.ham_chunk_attention.restype = ctypes.c_int
+    return lib
 
 
 def available() -> bool:
@@ -58,22 +39,7 @@ def available() -> bool:
 
 def workers() -> int:
     """Threads for one call: HAM_MLX_C_ATTENTION_THREADS, else the CPUs this process may use."""
-    value = os.environ.get("HAM_MLX_C_ATTENTION_THREADS", "")
-    if value:
-        return max(1, int(value))
-    return cpu_count()
-
-
-def _host(x: mx.array, dtype: mx.Dtype) -> np.ndarray:
-    """A numpy view of x (a copy only where the dtype or the innermost stride needs one)."""
-    a = np.asarray(x if x.dtype == dtype else x.astype(dtype))
-    if a.ndim and a.strides[-1] != a.itemsize:
-        a = np.ascontiguousarray(a)
-    return a
-
-
-def _ptr(a: np.ndarray, ctype) -> ctypes._Pointer:
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
+    return threads("HAM_MLX_C_ATTENTION_THREADS")
 
 
 def chunk_attention_c(
@@ -107,10 +73,10 @@ def chunk_attention_c(
     parts = [q, keys, values, scale, shift, sink_weight, counts, key_positions, q_pos]
     mx.eval(*parts, *([] if bias2 is None else [bias2]))
 
-    qa, ka, va = (_host(x, mx.float32) for x in (q, keys, values))
-    params = [np.ascontiguousarray(_host(x, mx.float32)) for x in (scale, shift, sink_weight)]
-    ints = [np.ascontiguousarray(_host(x, mx.int32)) for x in (counts, key_positions, q_pos)]
-    ba = None if bias2 is None else np.ascontiguousarray(_host(bias2, mx.float32))
+    qa, ka, va = (host(x, mx.float32) for x in (q, keys, values))
+    params = [np.ascontiguousarray(host(x, mx.float32)) for x in (scale, shift, sink_weight)]
+    ints = [np.ascontiguousarray(host(x, mx.int32)) for x in (counts, key_positions, q_pos)]
+    ba = None if bias2 is None else np.ascontiguousarray(host(bias2, mx.float32))
     out = np.empty((B, L, HV, Dv), np.float32)
     f = ctypes.c_float
     # row strides of a length-1 axis are arbitrary; BLAS wants a leading dimension >= the row
@@ -122,13 +88,13 @@ def chunk_attention_c(
     rc = lib.ham_chunk_attention(
         ctypes.c_int(B), ctypes.c_int(H), ctypes.c_int(HV), ctypes.c_int(L), ctypes.c_int(n),
         ctypes.c_int(Dk), ctypes.c_int(Dv),
-        _ptr(qa, f), *map(ctypes.c_long, strides[0:3]),
-        _ptr(ka, f), *map(ctypes.c_long, strides[3:6]),
-        _ptr(va, f), *map(ctypes.c_long, strides[6:9]),
-        *(_ptr(p, f) for p in params),
-        None if ba is None else _ptr(ba, f),
-        *(_ptr(a, ctypes.c_int32) for a in ints),
-        ctypes.c_int(settled), _ptr(out, f), ctypes.c_int(workers()),
+        pointer(qa, f), *map(ctypes.c_long, strides[0:3]),
+        pointer(ka, f), *map(ctypes.c_long, strides[3:6]),
+        pointer(va, f), *map(ctypes.c_long, strides[6:9]),
+        *(pointer(p, f) for p in params),
+        None if ba is None else pointer(ba, f),
+        *(pointer(a, ctypes.c_int32) for a in ints),
+        ctypes.c_int(settled), pointer(out, f), ctypes.c_int(workers()),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the C attention helper could not allocate its tiles")

@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from ham_mlx import kernels
 from ham_mlx.kernels import scan as scan_kernel
+from ham_mlx.ops import cpu_scan
 
 SEQUENTIAL_MAX_T = 8  # measured crossover on Linux CPU (B=1..8, HV=4..16, Dk=64, Dv=128)
 
@@ -350,9 +351,12 @@ def gated_delta(
     g: mx.array,
     beta: mx.array,
     state: mx.array | None = None,
+    cached: bool = False,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """Gated delta rule returning (o, v̂, state): the GPU kernel when enabled; else sequential
-    for short inputs and chunked for long ones."""
+    for short inputs and chunked for long ones. cached: the call fills a cache (generation) and
+    no gradient goes through it, so on the CPU the chunked form may run as one C call
+    (`cpu_scan.gated_delta_c`)."""
     if kernels.kernels_enabled():
         if scan_kernel.supported(q, v):
             if state is None:
@@ -363,6 +367,8 @@ def gated_delta(
     if T <= SEQUENTIAL_MAX_T:
         return gated_delta_sequential(q, k, v, g, beta, state)
     chunk_size = min(64, max(16, 1 << (T - 1).bit_length()))  # less padding for short inputs
+    if cached and cpu_scan.available():
+        return cpu_scan.gated_delta_c(q, k, v, g, beta, state, chunk_size=chunk_size)
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
 
 

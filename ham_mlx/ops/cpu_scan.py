@@ -1,0 +1,76 @@
+"""`gated_delta_chunked`'s forward as one C call on the CPU, for cached prefill.
+
+MLX runs the chunked scan as batched products of 64-128 rows, each a separate multi-threaded
+sgemm call, with the chunk's terms written to memory between them. The C helper
+(`ham_mlx/_scan_cpu.c`, compiled by `pip install` where a C compiler exists) computes the same
+arithmetic one (row, value head) at a time, its terms held in the CPU's cache, with the heads
+shared among threads that each call single-threaded OpenBLAS sgemm and strsm.
+
+`available()` is true on Linux when the helper was built and OpenBLAS was loaded (ham_mlx._blas),
+and HAM_MLX_NO_C_SCAN is unset. Its twin is `ham_mlx.ops.gated_delta.gated_delta_chunked`
+(tests/test_cpu_scan.py compares them). No gradient: this serves cached prefill only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import mlx.core as mx
+import numpy as np
+
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads
+
+
+def _load() -> ctypes.CDLL | None:
+    lib = load_helper("_scan_cpu", "ham_scan_init")
+    if lib is not None:
+        lib.ham_gated_delta.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether `gated_delta_c` can run here (see the module's docstring)."""
+    if os.environ.get("HAM_MLX_NO_C_SCAN", "") not in ("", "0"):
+        return False
+    return mx.default_device() == mx.cpu and _load() is not None
+
+
+def gated_delta_c(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    g: mx.array,
+    beta: mx.array,
+    state: mx.array | None = None,
+    chunk_size: int = 64,
+) -> tuple[mx.array, mx.array, mx.array]:
+    """`gated_delta_chunked(q, k, v, g, beta, state, chunk_size)` in one C call: (o, v̂, state).
+
+    q, k `[B, T, H, Dk]`; v `[B, T, HV, Dv]`; g, beta `[B, T, HV]`; state `[B, HV, Dv, Dk]` or
+    None (zeros). Evaluates its inputs; returns float32 arrays.
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("the C scan helper is not loaded (see ham_mlx.ops.cpu_scan)")
+    B, T, H, Dk = k.shape
+    HV, Dv = v.shape[2], v.shape[3]
+    if HV % H:
+        raise ValueError(f"value heads ({HV}) must be a multiple of q/k heads ({H})")
+    inputs = [q, k, v, g, beta] + ([] if state is None else [state])
+    mx.eval(*inputs)
+    qa, ka, va, ga, ba, *sa = (np.ascontiguousarray(host(x, mx.float32)) for x in inputs)
+    o = np.empty((B, T, HV, Dv), np.float32)
+    v_hat = np.empty((B, T, HV, Dv), np.float32)
+    s = np.empty((B, HV, Dv, Dk), np.float32)
+    f = ctypes.c_float
+    rc = lib.ham_gated_delta(
+        *map(ctypes.c_int, (B, T, H, HV, Dk, Dv, chunk_size)),
+        *(pointer(a, f) for a in (qa, ka, va, ga, ba)),
+        pointer(sa[0], f) if sa else None,
+        pointer(o, f), pointer(v_hat, f), pointer(s, f),
+        ctypes.c_int(threads("HAM_MLX_C_SCAN_THREADS")),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the C scan helper could not allocate its buffers")
+    return mx.array(o), mx.array(v_hat), mx.array(s)

@@ -1,0 +1,112 @@
+"""The C form of the chunked scan (`ham_mlx/_scan_cpu.c`) against its twin, the MLX chunked
+scan, the sequential scan and a float64 loop; and in whole-model cached prefills."""
+
+import ham_mlx  # noqa: F401  (first: it loads OpenBLAS before mlx.core)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model
+from test_ops_gated_delta import make_inputs, numpy_reference
+
+from ham_mlx.ops import cpu_scan
+from ham_mlx.ops.gated_delta import gated_delta, gated_delta_chunked, gated_delta_sequential
+
+C_BUILT = cpu_scan.available()
+needs_c = pytest.mark.skipif(not C_BUILT, reason="the C scan helper is not built here")
+
+
+def assert_close(a, b, atol=1e-5, rtol=1e-5):
+    np.testing.assert_allclose(np.array(a), np.array(b), atol=atol, rtol=rtol)
+
+
+@needs_c
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("chunk_size", [16, 32, 64], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("T", [9, 64, 130, 200], ids=lambda t: f"T{t}")
+def test_c_form_equals_the_mlx_chunked_scan(T, chunk_size, with_state):
+    """GVA (two value heads per q/k head), two rows, a last chunk that is not full."""
+    *inputs, state = make_inputs(T, seed=T + chunk_size)
+    state = state if with_state else None
+    want = gated_delta_chunked(*inputs, state, chunk_size=chunk_size)
+    got = cpu_scan.gated_delta_c(*inputs, state, chunk_size=chunk_size)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == mx.float32
+        assert_close(a, b)
+    for a, b in zip(got, gated_delta_sequential(*inputs, state)):
+        assert_close(a, b, atol=2e-5, rtol=2e-5)
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "decay, beta_max, dk",
+    [(0.0, 2.0, 16), (0.0, 2.0, 64), (0.01, 2.0, 8), (400.0, 1.0, 16), (20.0, 1.0, 128)],
+    ids=["no-decay-beta2", "no-decay-beta2-dk64", "slow-decay-dk8", "decay-underflows", "steep"],
+)
+def test_c_form_against_float64(decay, beta_max, dk):
+    """Reflections (beta = 2), no decay, alpha = 0, steep decays over a whole chunk."""
+    q, k, v, g, beta, state = make_inputs(128, seed=6, beta_max=beta_max, decay=decay, dk=dk)
+    if beta_max == 2.0:
+        beta = mx.full(beta.shape, 2.0)
+    ref = numpy_reference(q, k, v, g, beta, state)
+    scale = max(np.abs(r).max() for r in ref)
+    for out, r in zip(cpu_scan.gated_delta_c(q, k, v, g, beta, state), ref):
+        assert bool(mx.all(mx.isfinite(out)))
+        np.testing.assert_allclose(np.array(out), r, atol=1e-5 * scale, rtol=0)
+
+
+@needs_c
+def test_c_form_reads_half_precision_inputs_in_float32():
+    inputs = make_inputs(70, seed=3, dtype=mx.bfloat16)
+    for a, b in zip(cpu_scan.gated_delta_c(*inputs), gated_delta_chunked(*inputs)):
+        assert a.dtype == mx.float32
+        assert_close(a, b)
+
+
+@needs_c
+def test_c_form_gives_the_same_result_on_any_number_of_threads(monkeypatch):
+    """Each (row, head) is one thread's from start to end, on a one-thread BLAS: bit for bit."""
+    inputs = make_inputs(150, seed=5)
+    results = []
+    for threads in ("1", "2", "3", "9"):
+        monkeypatch.setenv("HAM_MLX_C_SCAN_THREADS", threads)
+        results.append([np.array(x) for x in cpu_scan.gated_delta_c(*inputs)])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_array_equal(a, b)
+
+
+@needs_c
+def test_cached_calls_take_the_c_form_and_others_the_mlx_form(monkeypatch):
+    """`gated_delta(..., cached=True)` (a cache being filled: no gradient) runs the C form;
+    uncached calls, which training differentiates, keep the MLX form."""
+    calls = []
+    real = cpu_scan.gated_delta_c
+    monkeypatch.setattr(
+        cpu_scan, "gated_delta_c", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    inputs = make_inputs(100, seed=2)
+    for a, b in zip(gated_delta(*inputs, cached=True), gated_delta(*inputs)):
+        assert_close(a, b)
+    assert calls == [1]
+    grad = mx.grad(lambda v: gated_delta(*inputs[:2], v, *inputs[3:])[0].sum())(inputs[2])
+    assert calls == [1] and bool(mx.any(grad != 0))
+
+
+@pytest.mark.parametrize("layers", [("gdn",), ("ham", "gdn")], ids=["gdn", "ham-gdn"])
+def test_cached_prefill_in_chunks_equals_the_full_forward(layers):
+    """A model's prompt read through its caches in chunks (the C form where it is built) gives
+    the logits of one full forward pass (the MLX form), for every chunk length."""
+    model = make_model(layers, vocab_size=61)
+    ids = mx.array(np.random.default_rng(0).integers(0, 61, size=(2, 150)))
+    full = model(ids)
+    for step in (150, 64, 37):
+        cache = model.make_cache()
+        parts = [model(ids[:, i : i + step], cache) for i in range(0, 150, step)]
+        assert_close(mx.concatenate(parts, axis=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_c_form_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("HAM_MLX_NO_C_SCAN", "1")
+    assert not cpu_scan.available()
