@@ -74,10 +74,14 @@ class HAMCache(RecurrentState):
         self.admission.ensure_rows(B)
         return rows
 
-    def store(self, k, v, score, admitted, rows: CallRows) -> None:
-        """Append the admitted tokens: k [B, H, L, Dk], v [B, HV, L, Dv], score/admitted [B, L]."""
+    def store(self, k, v, score, admitted, rows: CallRows, host: bool = False) -> None:
+        """Append the admitted tokens: k [B, H, L, Dk], v [B, HV, L, Dv], score/admitted [B, L].
+        host: read `admitted` on the host (a sync) and write the admitted tokens only."""
         L = admitted.shape[1]
-        self.buffer.write(k, v, rows.positions(L), score, admitted)
+        if host:
+            self.buffer.write_known(k, v, rows.positions(L), score, np.array(admitted))
+        else:
+            self.buffer.write(k, v, rows.positions(L), score, admitted)
         self.admission.observe(score, admitted, rows.valid)
         self.advance(rows, L)
 

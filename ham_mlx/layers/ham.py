@@ -199,10 +199,11 @@ class HAMAttention(GatedDeltaNet):
         else:  # store the admitted tokens, then attend over the compact cache only
             q_pos = rows.query_positions(L)
             settled = cache.buffer.settled_min()  # slots every row filled before this call
-            cache.store(k, v, mx.stop_gradient(score), admitted, rows)
-            # prefill on the ops path attends the filled slots only (one host read); a decode
-            # step keeps the bound and needs no sync
+            # prefill on the ops path reads the admissions on the host (one sync), writes the
+            # admitted tokens only and attends the filled slots only; a decode step keeps the
+            # bound and needs no sync
             exact = L > 1 and not kernels.kernels_enabled()
+            cache.store(k, v, mx.stop_gradient(score), admitted, rows, host=exact)
             keys, values, stored, positions, count = cache.fetch(exact)
             bias = key_bias(stored) if learned else None
             kv_out = cached_admitted_attention(
