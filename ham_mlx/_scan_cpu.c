@@ -12,9 +12,10 @@
  * Heads are shared among `workers` threads, each calling OpenBLAS's sgemm and strsm on one
  * thread. ham_mlx/ops/cpu_scan.py calls it through ctypes and binds it to the loaded OpenBLAS.
  *
- * Shapes (contiguous float32): q, k [B, T, H, Dk]; v [B, T, HV, Dv]; g, beta [B, T, HV];
- * s0 [B, HV, Dv, Dk] or NULL (zeros); out o, v_hat [B, T, HV, Dv], s [B, HV, Dv, Dk].
- * Value head h reads q/k head h / (HV / H).
+ * Shapes (float32): q, k [B, T, H, Dk]; v [B, T, HV, Dv]; g, beta [B, T, HV], each with the
+ * strides given (in floats; the last axis, and g's and beta's head axis, contiguous); s0
+ * [B, HV, Dv, Dk] or NULL (zeros), contiguous; out [B, T, 2, HV, Dv] (o, then v_hat) and
+ * s [B, HV, Dv, Dk], contiguous. Value head h reads q/k head h / (HV / H).
  */
 #include <dlfcn.h>
 #include <math.h>
@@ -50,67 +51,72 @@ int ham_scan_init(const char *path) {
 struct job {
   int B, T, H, HV, Dk, Dv, C;
   const float *q, *k, *v, *g, *beta, *s0;
-  float *o, *v_hat, *s;
+  const long *st; /* strides in floats: q, k, v (row, token, head), g, beta (row, token) */
+  float *out, *s;
   int next; /* the next (row, head) to take */
   pthread_mutex_t lock;
 };
 
 struct work { /* one thread's buffers */
-  float *KK, *QK, *A, *Aq, *L, *rhs, *St, *D, *gam, *bet;
+  float *qk, *S2, *AA, *L, *rhs, *St, *D, *gam, *bet;
 };
 
 static int alloc_work(struct work *w, int C, int Dk, int Dv) {
-  size_t cc = (size_t)C * C, n = 5 * cc + (size_t)C * (Dk + Dv) + (size_t)Dk * Dv + 3 * C;
+  size_t cc = (size_t)C * C;
+  size_t n = 2 * (size_t)C * Dk + 5 * cc + (size_t)C * (Dk + Dv) + (size_t)Dk * Dv + 3 * C;
   float *p = malloc(n * sizeof(float));
   if (!p) return 1;
-  w->KK = p, w->QK = p + cc, w->A = p + 2 * cc, w->Aq = p + 3 * cc, w->L = p + 4 * cc;
-  w->rhs = p + 5 * cc;
+  w->qk = p, w->S2 = p + 2 * (size_t)C * Dk, w->AA = w->S2 + 2 * cc, w->L = w->AA + 2 * cc;
+  w->rhs = w->L + cc;
   w->St = w->rhs + (size_t)C * (Dk + Dv);
   w->D = w->St + (size_t)Dk * Dv, w->gam = w->D + C, w->bet = w->gam + C;
   return 0;
 }
 
-/* The scan of row b, value head h. */
+/* The scan of row b, value head h. Rows 2t and 2t + 1 of the chunk's buffers belong to q_t and
+ * k_t, so that o_t and v_hat_t come out of one product, interleaved as out [B, T, 2, HV, Dv]
+ * holds them. */
 static void scan_head(const struct job *J, struct work *w, int b, int h) {
   const int T = J->T, Dk = J->Dk, Dv = J->Dv, C = J->C, R = Dk + Dv;
   const int hk = h / (J->HV / J->H);
-  const int ldqk = J->H * Dk, ldv = J->HV * Dv, ldg = J->HV;
-  const float *qb = J->q + ((size_t)b * T * J->H + hk) * Dk;
-  const float *kb = J->k + ((size_t)b * T * J->H + hk) * Dk;
-  const float *vb = J->v + ((size_t)b * T * J->HV + h) * Dv;
-  const float *gb = J->g + (size_t)b * T * J->HV + h, *bb = J->beta + (size_t)b * T * J->HV + h;
-  float *ob = J->o + ((size_t)b * T * J->HV + h) * Dv;
-  float *hb = J->v_hat + ((size_t)b * T * J->HV + h) * Dv;
-  float *St = w->St, *D = w->D, *gam = w->gam, *bet = w->bet;
+  const long *st = J->st;
+  const float *qb = J->q + b * st[0] + hk * st[2], *kb = J->k + b * st[3] + hk * st[5];
+  const float *vb = J->v + b * st[6] + h * st[8];
+  const float *gb = J->g + b * st[9] + h, *bb = J->beta + b * st[11] + h;
+  const int ldo = 2 * J->HV * Dv; /* out's token stride: rows o_t, v_hat_t are ldo / 2 apart */
+  float *ob = J->out + (size_t)b * T * ldo + (size_t)h * Dv;
+  float *St = w->St, *D = w->D, *gam = w->gam, *bet = w->bet, *qk = w->qk;
   const float *s0 = J->s0 ? J->s0 + ((size_t)b * J->HV + h) * Dv * Dk : NULL;
   for (int i = 0; i < Dk; i++)
     for (int j = 0; j < Dv; j++) St[(size_t)i * Dv + j] = s0 ? s0[(size_t)j * Dk + i] : 0.0f;
 
   for (int t0 = 0; t0 < T; t0 += C) {
     const int n = T - t0 < C ? T - t0 : C;
-    const float *qc = qb + (size_t)t0 * ldqk, *kc = kb + (size_t)t0 * ldqk;
-    const float *vc = vb + (size_t)t0 * ldv;
-    float *oc = ob + (size_t)t0 * ldv, *hc = hb + (size_t)t0 * ldv;
-    sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, n, Dk, 1.0f, kc, ldqk, kc, ldqk, 0.0f, w->KK, C);
-    sgemm(ROW_MAJOR, NO_TRANS, TRANS, n, n, Dk, 1.0f, qc, ldqk, kc, ldqk, 0.0f, w->QK, C);
+    const float *kc = kb + t0 * st[4];
+    for (int t = 0; t < n; t++) {
+      memcpy(qk + (size_t)2 * t * Dk, qb + (t0 + t) * st[1], Dk * sizeof(float));
+      memcpy(qk + (size_t)(2 * t + 1) * Dk, kc + t * st[4], Dk * sizeof(float));
+    }
+    /* S2[2t, s] = q_t . k_s, S2[2t + 1, s] = k_t . k_s */
+    sgemm(ROW_MAJOR, NO_TRANS, TRANS, 2 * n, n, Dk, 1.0f, qk, Dk, kc, (int)st[4], 0.0f, w->S2, C);
     /* D row by row as products of alpha = exp(g), as the MLX form takes them (no overflow,
      * no cancellation): D[t, s] = D[t - 1, s] alpha_t for s < t, D[t, t] = 1. */
     float cum = 1.0f;
     for (int t = 0; t < n; t++) {
-      const float alpha = expf(gb[(size_t)(t0 + t) * ldg]);
+      const float alpha = expf(gb[(t0 + t) * st[10]]);
       cum *= alpha;
-      gam[t] = cum, bet[t] = bb[(size_t)(t0 + t) * ldg];
+      gam[t] = cum, bet[t] = bb[(t0 + t) * st[12]];
       for (int s = 0; s < t; s++) D[s] *= alpha;
       D[t] = 1.0f;
-      float *A = w->A + (size_t)t * C, *Aq = w->Aq + (size_t)t * C, *L = w->L + (size_t)t * C;
-      const float *KK = w->KK + (size_t)t * C, *QK = w->QK + (size_t)t * C;
+      float *Aq = w->AA + (size_t)2 * t * C, *A = Aq + C, *L = w->L + (size_t)t * C;
+      const float *QK = w->S2 + (size_t)2 * t * C, *KK = QK + C;
       for (int s = 0; s < t; s++) {
         A[s] = D[s] * KK[s], Aq[s] = D[s] * QK[s], L[s] = bet[t] * A[s];
       }
       A[t] = 0.0f, Aq[t] = QK[t], L[t] = 1.0f;
       for (int s = t + 1; s < n; s++) A[s] = Aq[s] = L[s] = 0.0f;
       float *r = w->rhs + (size_t)t * R;
-      const float *kt = kc + (size_t)t * ldqk, *vt = vc + (size_t)t * ldv;
+      const float *kt = qk + (size_t)(2 * t + 1) * Dk, *vt = vb + (t0 + t) * st[7];
       const float bk = bet[t] * gam[t], bv = bet[t];
       for (int i = 0; i < Dk; i++) r[i] = bk * kt[i];
       for (int j = 0; j < Dv; j++) r[Dk + j] = bv * vt[j];
@@ -118,19 +124,19 @@ static void scan_head(const struct job *J, struct work *w, int b, int h) {
     float *W = w->rhs, *u = w->rhs + Dk; /* [n, Dk] and [n, Dv], row stride R */
     strsm(ROW_MAJOR, LEFT, LOWER, NO_TRANS, UNIT, n, R, 1.0f, w->L, C, w->rhs, R);
     sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, Dv, Dk, -1.0f, W, R, St, Dv, 1.0f, u, R);
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, Dv, Dk, 1.0f, qc, ldqk, St, Dv, 0.0f, oc, ldv);
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, Dv, Dk, 1.0f, kc, ldqk, St, Dv, 0.0f, hc, ldv);
-    for (int t = 0; t < n; t++) {
-      float *orow = oc + (size_t)t * ldv, *hrow = hc + (size_t)t * ldv;
-      for (int j = 0; j < Dv; j++) orow[j] *= gam[t], hrow[j] *= gam[t];
+    for (int t = 0; t < 2 * n; t++) { /* [gamma q; gamma k] */
+      float *row = qk + (size_t)t * Dk;
+      const float gt = gam[t / 2];
+      for (int i = 0; i < Dk; i++) row[i] *= gt;
     }
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, Dv, n, 1.0f, w->Aq, C, u, R, 1.0f, oc, ldv);
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, Dv, n, 1.0f, w->A, C, u, R, 1.0f, hc, ldv);
+    float *oc = ob + (size_t)t0 * ldo;
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 2 * n, Dv, Dk, 1.0f, qk, Dk, St, Dv, 0.0f, oc, ldo / 2);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 2 * n, Dv, n, 1.0f, w->AA, C, u, R, 1.0f, oc, ldo / 2);
     for (int s = 0; s < n; s++) { /* D[last, s] */
       float *us = u + (size_t)s * R;
       for (int j = 0; j < Dv; j++) us[j] *= D[s];
     }
-    sgemm(ROW_MAJOR, TRANS, NO_TRANS, Dk, Dv, n, 1.0f, kc, ldqk, u, R, gam[n - 1], St, Dv);
+    sgemm(ROW_MAJOR, TRANS, NO_TRANS, Dk, Dv, n, 1.0f, kc, (int)st[4], u, R, gam[n - 1], St, Dv);
   }
   float *sb = J->s + ((size_t)b * J->HV + h) * Dv * Dk;
   for (int j = 0; j < Dv; j++)
@@ -158,8 +164,8 @@ static void *run_worker(void *arg) {
 /* The scan of every (row, value head); 0 on success, 1 when buffers cannot be allocated. */
 int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const float *q,
                     const float *k, const float *v, const float *g, const float *beta,
-                    const float *s0, float *o, float *v_hat, float *s, int workers) {
-  struct job J = {B, T, H, HV, Dk, Dv, C, q, k, v, g, beta, s0, o, v_hat, s, 0};
+                    const long *strides, const float *s0, float *out, float *s, int workers) {
+  struct job J = {B, T, H, HV, Dk, Dv, C, q, k, v, g, beta, s0, strides, out, s, 0};
   if (workers > B * HV) workers = B * HV;
   if (workers > MAX_WORKERS) workers = MAX_WORKERS;
   if (workers < 1) workers = 1;
@@ -167,7 +173,7 @@ int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const fl
   for (int i = 0; i < workers; i++) {
     W[i].J = &J;
     if (alloc_work(&W[i].w, C, Dk, Dv)) {
-      for (int j = 0; j < i; j++) free(W[j].w.KK);
+      for (int j = 0; j < i; j++) free(W[j].w.qk);
       return 1;
     }
   }
@@ -183,6 +189,6 @@ int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const fl
     if (started[i]) pthread_join(threads[i], NULL);
   if (blas_threads > 1) set_threads(blas_threads);
   pthread_mutex_destroy(&J.lock);
-  for (int i = 0; i < workers; i++) free(W[i].w.KK);
+  for (int i = 0; i < workers; i++) free(W[i].w.qk);
   return 0;
 }

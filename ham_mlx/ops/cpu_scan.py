@@ -57,20 +57,30 @@ def gated_delta_c(
     HV, Dv = v.shape[2], v.shape[3]
     if HV % H:
         raise ValueError(f"value heads ({HV}) must be a multiple of q/k heads ({H})")
-    inputs = [q, k, v, g, beta] + ([] if state is None else [state])
-    mx.eval(*inputs)
-    qa, ka, va, ga, ba, *sa = (np.ascontiguousarray(host(x, mx.float32)) for x in inputs)
-    o = np.empty((B, T, HV, Dv), np.float32)
-    v_hat = np.empty((B, T, HV, Dv), np.float32)
+    mx.eval(q, k, v, g, beta, *([] if state is None else [state]))
+    qa, ka, va = (host(x, mx.float32) for x in (q, k, v))  # innermost axis contiguous
+    ga, ba = (_heads_contiguous(host(x, mx.float32)) for x in (g, beta))
+    sa = None if state is None else np.ascontiguousarray(host(state, mx.float32))
+    strides = np.array(
+        [st // 4 for a in (qa, ka, va) for st in a.strides[:3]]
+        + [st // 4 for a in (ga, ba) for st in a.strides[:2]],
+        dtype=np.int64,
+    )
+    out = np.empty((B, T, 2, HV, Dv), np.float32)  # o, then v̂
     s = np.empty((B, HV, Dv, Dk), np.float32)
     f = ctypes.c_float
     rc = lib.ham_gated_delta(
         *map(ctypes.c_int, (B, T, H, HV, Dk, Dv, chunk_size)),
         *(pointer(a, f) for a in (qa, ka, va, ga, ba)),
-        pointer(sa[0], f) if sa else None,
-        pointer(o, f), pointer(v_hat, f), pointer(s, f),
-        ctypes.c_int(threads("HAM_MLX_C_SCAN_THREADS")),
+        pointer(strides, ctypes.c_long), None if sa is None else pointer(sa, f),
+        pointer(out, f), pointer(s, f), ctypes.c_int(threads("HAM_MLX_C_SCAN_THREADS")),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the C scan helper could not allocate its buffers")
-    return mx.array(o), mx.array(v_hat), mx.array(s)
+    out = mx.array(out)
+    return out[:, :, 0], out[:, :, 1], mx.array(s)
+
+
+def _heads_contiguous(a: np.ndarray) -> np.ndarray:
+    """a [B, T, HV] with its head axis contiguous (the C helper steps over rows and tokens)."""
+    return a if a.strides[2] == a.itemsize else np.ascontiguousarray(a)
