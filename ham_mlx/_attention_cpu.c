@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_exp2.h"
+
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 #define MAX_WORKERS 64
 #ifndef QUERY_TILE
@@ -49,24 +51,6 @@ int ham_attention_init(const char *path) {
   return sgemm == NULL;
 }
 
-/* 2^x for x in [-126, 0] (Cephes exp2f: round to nearest, degree-6 polynomial on [-0.5, 0.5]).
- * Written so that the compiler vectorises the loop that calls it. */
-static inline float exp2_small(float x) {
-  const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-  x = x > -126.0f ? x : -126.0f;
-  union { float f; int32_t i; } shifted = {x + magic}, scale;
-  float f = x - (shifted.f - magic);
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.0f;
-  scale.i = (shifted.i - 0x4B400000 + 127) << 23;
-  return p * scale.f;
-}
-
 /* p[i, j] = 2^(s[i, j] + add[j]) where limit[j] <= qpos[i], else 0; rowsum[i] += Σ_j p[i, j]. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -78,7 +62,7 @@ static void exp2_tile(float *restrict s, int rows, int cols, int ld, const float
     float *restrict row = s + (size_t)i * ld;
     const int32_t at = qpos[i];
     for (int j = 0; j < cols; ++j)
-      row[j] = limit[j] <= at ? exp2_small(row[j] + add[j]) : 0.0f;
+      row[j] = limit[j] <= at ? ham_exp2(row[j] + add[j]) : 0.0f;
     float part[8] = {0};  /* eight partial sums: a reduction the compiler may vectorise */
     int j = 0;
     for (; j + 8 <= cols; j += 8)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx.ops import fast_math
+from ham_mlx.ops import cpu_conv, fast_math
 
 # One-token decode of GDN/HAM layers runs a fixed-shape step function (`decode_step` in gdn.py
 # and ham.py) instead of the general path, mx.compile'd so that its elementwise ops fuse.
@@ -55,25 +55,38 @@ def l2norm(x: mx.array, eps: float = 1e-6) -> mx.array:
 
 
 def causal_short_conv(
-    x: mx.array, weight: mx.array, prev: mx.array | None, ends: np.ndarray | None = None
+    x: mx.array,
+    weight: mx.array,
+    prev: mx.array | None,
+    ends: np.ndarray | None = None,
+    cached: bool = False,
 ) -> tuple[mx.array, mx.array | None]:
     """Depthwise causal conv + SiLU (spec §3 step 2).
 
     x [B, L, C] raw projected inputs; weight [C, Kc, 1] (tap Kc-1 multiplies the current token);
     prev [B, Kc-1, C] the inputs before x (None: zeros); ends [B]: row b's real tokens end at
-    ends[b] <= L (right padding; None: all L). Returns (SiLU(conv) [B, L, C], the last Kc-1
-    real inputs [B, Kc-1, C] for the cache, None when Kc = 1).
+    ends[b] <= L (right padding; None: all L). cached: a call that fills a cache, which no
+    gradient goes through: on the CPU a float32 one may run as one C call
+    (`cpu_conv.short_conv_c`). Returns (SiLU(conv) [B, L, C], the last Kc-1 real inputs
+    [B, Kc-1, C] for the cache, None when Kc = 1).
     """
     B, L, C = x.shape
     Kc = weight.shape[1]
     if Kc == 1:
         return fast_math.silu(x * weight[:, 0, 0]), None
+    unpadded = ends is None or (ends == L).all()
+    if cached and unpadded and x.dtype == mx.float32 and cpu_conv.available():
+        y = cpu_conv.short_conv_c(x, weight[:, :, 0].T, prev)
+        if L >= Kc - 1:
+            return y, x[:, L - (Kc - 1) :]
+        prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype) if prev is None else prev
+        return y, mx.concatenate([prev.astype(x.dtype), x], axis=1)[:, -(Kc - 1) :]
     if prev is None:
         prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype)
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)  # [B, Kc-1+L, C]
     # compiled: the taps and the SiLU fuse into one pass (eager, each tap is a pass over [L, C])
     y = maybe_compiled(conv_taps, "conv_taps")(xp, weight[:, :, 0].T)
-    if ends is None or (ends == L).all():
+    if unpadded:
         return y, xp[:, -(Kc - 1) :]
     index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
     return y, mx.take_along_axis(xp, index[..., None], axis=1)

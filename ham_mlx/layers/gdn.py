@@ -85,7 +85,7 @@ def gdn_branch(
     qkv, gate, small = input_projections(p, x, cfg)
     if valid is not None:
         qkv = mx.where(valid[..., None], qkv, 0)
-    qkv, conv = causal_short_conv(qkv, p["conv"], conv, ends)  # [B, L, C]
+    qkv, conv = causal_short_conv(qkv, p["conv"], conv, ends, cached)  # [B, L, C]
     qk, v = mx.split(qkv, [2 * H * Dk], axis=-1)
     qk = l2norm(qk.reshape(B, L, 2 * H, Dk))  # q and k heads in one pass
     q, k = qk[:, :, :H], qk[:, :, H:]

@@ -1,7 +1,8 @@
 """Loading the optional C helpers (`ham_mlx/_*_cpu.c`) and handing MLX arrays to them.
 
-Each helper is a shared library that `pip install` compiles where a C compiler exists; it binds
-itself to the OpenBLAS that ham_mlx._blas loaded (its `init(path)` returns 0 on success).
+Each helper is a shared library that `pip install` compiles where a C compiler exists; one that
+calls BLAS binds itself to the OpenBLAS that ham_mlx._blas loaded (its `init(path)` returns 0 on
+success).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from ham_mlx.lanes import cpu_count
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
-def load_helper(stem: str, init: str) -> ctypes.CDLL | None:
-    """The helper `ham_mlx/<stem>*.so`, bound to the loaded OpenBLAS; None where it was not
-    built or there is no OpenBLAS. Tried once per process."""
+def load_helper(stem: str, init: str | None) -> ctypes.CDLL | None:
+    """The helper `ham_mlx/<stem>*.so`, bound to the loaded OpenBLAS by its `init` (None: a
+    helper that calls no BLAS); None where it was not built or there is no OpenBLAS (the
+    helpers serve the Linux CPU path, which loads it). Tried once per process."""
     if stem in _loaded:
         return _loaded[stem]
     _loaded[stem] = None
@@ -33,8 +35,9 @@ def load_helper(stem: str, init: str) -> ctypes.CDLL | None:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        getattr(lib, init).argtypes = [ctypes.c_char_p]
-        if getattr(lib, init)(_blas.loaded_openblas.encode()) == 0:
+        if init is not None:
+            getattr(lib, init).argtypes = [ctypes.c_char_p]
+        if init is None or getattr(lib, init)(_blas.loaded_openblas.encode()) == 0:
             _loaded[stem] = lib
             break
     return _loaded[stem]
