@@ -53,7 +53,8 @@ struct job {
   const float *q, *k, *v, *g, *beta, *s0;
   const long *st; /* strides in floats: q, k, v (row, token, head), g, beta (row, token) */
   float *out, *s;
-  int next; /* the next (row, head) to take */
+  int with_v_hat; /* 0: o only (v_hat's slots of out are left as they were) */
+  int next;       /* the next (row, head) to take */
   pthread_mutex_t lock;
 };
 
@@ -129,9 +130,13 @@ static void scan_head(const struct job *J, struct work *w, int b, int h) {
       const float gt = gam[t / 2];
       for (int i = 0; i < Dk; i++) row[i] *= gt;
     }
+    /* [o; v_hat] = [gamma q; gamma k] St + [Aq; A] u, or o alone from the even rows */
     float *oc = ob + (size_t)t0 * ldo;
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 2 * n, Dv, Dk, 1.0f, qk, Dk, St, Dv, 0.0f, oc, ldo / 2);
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, 2 * n, Dv, n, 1.0f, w->AA, C, u, R, 1.0f, oc, ldo / 2);
+    const int m = J->with_v_hat ? 2 * n : n, step = J->with_v_hat ? 1 : 2;
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, Dk, 1.0f, qk, step * Dk, St, Dv, 0.0f, oc,
+          step * ldo / 2);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, n, 1.0f, w->AA, step * C, u, R, 1.0f, oc,
+          step * ldo / 2);
     for (int s = 0; s < n; s++) { /* D[last, s] */
       float *us = u + (size_t)s * R;
       for (int j = 0; j < Dv; j++) us[j] *= D[s];
@@ -164,8 +169,9 @@ static void *run_worker(void *arg) {
 /* The scan of every (row, value head); 0 on success, 1 when buffers cannot be allocated. */
 int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const float *q,
                     const float *k, const float *v, const float *g, const float *beta,
-                    const long *strides, const float *s0, float *out, float *s, int workers) {
-  struct job J = {B, T, H, HV, Dk, Dv, C, q, k, v, g, beta, s0, strides, out, s, 0};
+                    const long *strides, const float *s0, float *out, float *s,
+                    int with_v_hat, int workers) {
+  struct job J = {B, T, H, HV, Dk, Dv, C, q, k, v, g, beta, s0, strides, out, s, with_v_hat, 0};
   if (workers > B * HV) workers = B * HV;
   if (workers > MAX_WORKERS) workers = MAX_WORKERS;
   if (workers < 1) workers = 1;

@@ -39,6 +39,16 @@ def test_c_form_equals_the_mlx_chunked_scan(T, chunk_size, with_state):
 
 
 @needs_c
+def test_c_form_without_v_hat_gives_the_same_o_and_state():
+    inputs = make_inputs(150, seed=9)
+    o, v_hat, S = cpu_scan.gated_delta_c(*inputs, with_v_hat=False)
+    want = cpu_scan.gated_delta_c(*inputs)
+    assert v_hat is None
+    assert_close(o, want[0], atol=1e-6, rtol=1e-6)  # products of other heights may round apart
+    assert_close(S, want[2], atol=1e-6, rtol=1e-6)
+
+
+@needs_c
 @pytest.mark.parametrize(
     "decay, beta_max, dk",
     [(0.0, 2.0, 16), (0.0, 2.0, 64), (0.01, 2.0, 8), (400.0, 1.0, 16), (20.0, 1.0, 128)],

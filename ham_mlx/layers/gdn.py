@@ -67,7 +67,16 @@ def linear(w, x: mx.array) -> mx.array:
 
 
 def gdn_branch(
-    p: dict, x, conv, S, cfg: StepConfig, valid=None, ends=None, one_step=False, cached=False
+    p: dict,
+    x,
+    conv,
+    S,
+    cfg: StepConfig,
+    valid=None,
+    ends=None,
+    one_step=False,
+    cached=False,
+    with_v_hat=True,
 ):
     """The GDN branch of a layer for x [B, L, D] (spec §3 steps 1-7), as a pure function: the
     general path calls it, and the one-token decode step calls it compiled (`one_step`: L = 1,
@@ -77,7 +86,8 @@ def gdn_branch(
     the q|k|v conv weights, "small" the a|b(|kv_gate) projections stacked); conv [B, Kc-1, C]
     or None (zeros); S [B, HV, Dv, Dk] or None; valid [B, L] bool and ends [B]: the real tokens
     (padding leaves the conv inputs and the state as they were: zeroed inputs, decay 1, beta 0).
-    cached: a cached call (generation), which no gradient goes through (see `gated_delta`).
+    cached: a cached call (generation), which no gradient goes through (see `gated_delta`);
+    without with_v_hat such a call may leave Recurrence.v_hat None (a GDN layer reads o only).
     Returns (Recurrence, the new conv inputs, the new state).
     """
     B, L, _ = x.shape
@@ -104,7 +114,7 @@ def gdn_branch(
                                        S.astype(mx.float32))  # fmt: skip
         o, v_hat = o[:, None], v_hat[:, None]
     else:
-        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S, cached)
+        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S, cached, with_v_hat)
     if gate is not None:
         gate = gate.reshape(B, L, HV, Dv).astype(mx.float32)
     return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
@@ -225,16 +235,21 @@ class GatedDeltaNet(nn.Module):
         self.o_proj = nn.Linear(HV * Dv, D, bias=False)
 
     def recurrence(
-        self, x: mx.array, cache: RecurrentState | None, rows: CallRows | None = None
+        self,
+        x: mx.array,
+        cache: RecurrentState | None,
+        rows: CallRows | None = None,
+        with_v_hat: bool = True,
     ) -> Recurrence:
-        """The GDN branch for x [B, L, D] (`gdn_branch`); rows: the call's real tokens.
-        Updates cache.conv and cache.ssm (not the cache's offsets)."""
+        """The GDN branch for x [B, L, D] (`gdn_branch`); rows: the call's real tokens;
+        without with_v_hat, v_hat may be None. Updates cache.conv and cache.ssm (not the cache's
+        offsets)."""
         valid = None if rows is None else rows.valid
         ends = None if valid is None else rows.stop
         conv, S = (None, None) if cache is None else (cache.conv, cache.ssm)
         p = self.branch_params()
         rec, conv, S = gdn_branch(p, x, conv, S, self.step_config(), valid, ends,
-                                  cached=cache is not None)  # fmt: skip
+                                  cached=cache is not None, with_v_hat=with_v_hat)  # fmt: skip
         if cache is not None:
             cache.conv, cache.ssm = conv, S
         return rec
@@ -358,7 +373,7 @@ class GatedDeltaNet(nn.Module):
         B, L, _ = x.shape
         check_cache(cache, GDNCache, "gdn")
         rows = None if cache is None else cache.call_rows(B, L)
-        rec = self.recurrence(x, cache, rows)
+        rec = self.recurrence(x, cache, rows, with_v_hat=False)  # o only
         if cache is not None:
             cache.advance(rows, L)
         r = self.rnn_output(rec)

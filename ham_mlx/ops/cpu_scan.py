@@ -44,8 +44,10 @@ def gated_delta_c(
     beta: mx.array,
     state: mx.array | None = None,
     chunk_size: int = 64,
-) -> tuple[mx.array, mx.array, mx.array]:
-    """`gated_delta_chunked(q, k, v, g, beta, state, chunk_size)` in one C call: (o, v̂, state).
+    with_v_hat: bool = True,
+) -> tuple[mx.array, mx.array | None, mx.array]:
+    """`gated_delta_chunked(q, k, v, g, beta, state, chunk_size)` in one C call: (o, v̂, state);
+    v̂ None, and a quarter less work, without `with_v_hat` (a GDN layer reads o only).
 
     q, k `[B, T, H, Dk]`; v `[B, T, HV, Dv]`; g, beta `[B, T, HV]`; state `[B, HV, Dv, Dk]` or
     None (zeros). Evaluates its inputs; returns float32 arrays.
@@ -73,12 +75,13 @@ def gated_delta_c(
         *map(ctypes.c_int, (B, T, H, HV, Dk, Dv, chunk_size)),
         *(pointer(a, f) for a in (qa, ka, va, ga, ba)),
         pointer(strides, ctypes.c_long), None if sa is None else pointer(sa, f),
-        pointer(out, f), pointer(s, f), ctypes.c_int(threads("HAM_MLX_C_SCAN_THREADS")),
+        pointer(out, f), pointer(s, f), ctypes.c_int(int(with_v_hat)),
+        ctypes.c_int(threads("HAM_MLX_C_SCAN_THREADS")),
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the C scan helper could not allocate its buffers")
     out = mx.array(out)
-    return out[:, :, 0], out[:, :, 1], mx.array(s)
+    return out[:, :, 0], out[:, :, 1] if with_v_hat else None, mx.array(s)
 
 
 def _heads_contiguous(a: np.ndarray) -> np.ndarray:

@@ -352,11 +352,12 @@ def gated_delta(
     beta: mx.array,
     state: mx.array | None = None,
     cached: bool = False,
-) -> tuple[mx.array, mx.array, mx.array]:
+    with_v_hat: bool = True,
+) -> tuple[mx.array, mx.array | None, mx.array]:
     """Gated delta rule returning (o, v̂, state): the GPU kernel when enabled; else sequential
     for short inputs and chunked for long ones. cached: the call fills a cache (generation) and
     no gradient goes through it, so on the CPU the chunked form may run as one C call
-    (`cpu_scan.gated_delta_c`)."""
+    (`cpu_scan.gated_delta_c`), which skips v̂ (None) when with_v_hat is false."""
     if kernels.kernels_enabled():
         if scan_kernel.supported(q, v):
             if state is None:
@@ -368,7 +369,7 @@ def gated_delta(
         return gated_delta_sequential(q, k, v, g, beta, state)
     chunk_size = min(64, max(16, 1 << (T - 1).bit_length()))  # less padding for short inputs
     if cached and cpu_scan.available():
-        return cpu_scan.gated_delta_c(q, k, v, g, beta, state, chunk_size=chunk_size)
+        return cpu_scan.gated_delta_c(q, k, v, g, beta, state, chunk_size, with_v_hat)
     return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
 
 
