@@ -27,7 +27,8 @@ def inputs(B, L, C, Kc, seed, scale=1.0, with_prev=True):
 @pytest.mark.parametrize("with_prev", [False, True], ids=["zeros", "cached-inputs"])
 @pytest.mark.parametrize("Kc", [2, 4])
 @pytest.mark.parametrize("L", [1, 2, 3, 100])
-def test_c_form_equals_the_mlx_form(L, Kc, with_prev):
+def test_c_form_equals_the_mlx_form(L, Kc, with_prev, monkeypatch):
+    monkeypatch.setattr(cpu_conv, "MIN_TOKENS", 1)  # the C form for every length
     x, weight, prev = inputs(2, L, 37, Kc, seed=L * Kc, with_prev=with_prev)
     want_y, want_state = causal_short_conv(x, weight, prev)
     y, state = causal_short_conv(x, weight, prev, cached=True)
@@ -58,16 +59,17 @@ def test_c_form_gives_the_same_result_on_any_number_of_threads(monkeypatch):
 
 
 @needs_c
-def test_padded_or_half_precision_calls_keep_the_mlx_form(monkeypatch):
+def test_padded_short_or_half_precision_calls_keep_the_mlx_form(monkeypatch):
     calls = []
     real = cpu_conv.short_conv_c
     monkeypatch.setattr(cpu_conv, "short_conv_c", lambda *a: calls.append(1) or real(*a))
-    x, weight, prev = inputs(2, 10, 16, 4, seed=3)
-    causal_short_conv(x, weight, prev, np.array([10, 7]), cached=True)
+    x, weight, prev = inputs(2, 20, 16, 4, seed=3)
+    causal_short_conv(x, weight, prev, np.array([20, 7]), cached=True)
     causal_short_conv(x.astype(mx.float16), weight, prev, cached=True)
     causal_short_conv(x, weight, prev)  # uncached: training differentiates it
+    causal_short_conv(x[:, :3], weight, prev, cached=True)  # a few tokens: a decode step
     assert calls == []
-    causal_short_conv(x, weight, prev, np.array([10, 10]), cached=True)
+    causal_short_conv(x, weight, prev, np.array([20, 20]), cached=True)
     assert calls == [1]
 
 

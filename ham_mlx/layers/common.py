@@ -66,16 +66,17 @@ def causal_short_conv(
     x [B, L, C] raw projected inputs; weight [C, Kc, 1] (tap Kc-1 multiplies the current token);
     prev [B, Kc-1, C] the inputs before x (None: zeros); ends [B]: row b's real tokens end at
     ends[b] <= L (right padding; None: all L). cached: a call that fills a cache, which no
-    gradient goes through: on the CPU a float32 one may run as one C call
-    (`cpu_conv.short_conv_c`). Returns (SiLU(conv) [B, L, C], the last Kc-1 real inputs
-    [B, Kc-1, C] for the cache, None when Kc = 1).
+    gradient goes through: on the CPU a float32 one of at least `cpu_conv.MIN_TOKENS` tokens may
+    run as one C call (`cpu_conv.short_conv_c`). Returns (SiLU(conv) [B, L, C], the last Kc-1
+    real inputs [B, Kc-1, C] for the cache, None when Kc = 1).
     """
     B, L, C = x.shape
     Kc = weight.shape[1]
     if Kc == 1:
         return fast_math.silu(x * weight[:, 0, 0]), None
     unpadded = ends is None or (ends == L).all()
-    if cached and unpadded and x.dtype == mx.float32 and cpu_conv.available():
+    c_form = cached and unpadded and L >= cpu_conv.MIN_TOKENS and x.dtype == mx.float32
+    if c_form and cpu_conv.available():
         y = cpu_conv.short_conv_c(x, weight[:, :, 0].T, prev)
         if L >= Kc - 1:
             return y, x[:, L - (Kc - 1) :]
