@@ -9,6 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from ham_mlx.ops import cpu_scan
 from ham_mlx.ops.gated_delta import (
     _unit_lower_inverse,
     gated_delta,
@@ -140,19 +141,24 @@ def test_half_precision_inputs_compute_in_fp32(dtype):
             assert_close(a, c, atol=tol, rtol=tol)  # within half precision of the fp32 result
 
 
+@pytest.mark.parametrize("form", ["mlx", "c"])
 @pytest.mark.parametrize(
     "decay, beta_max, dk",
-    [(0.0, 2.0, 16), (0.0, 2.0, 64), (0.01, 2.0, 8), (400.0, 1.0, 16)],
-    ids=["no-decay-beta2", "no-decay-beta2-dk64", "slow-decay-dk8", "decay-underflows"],
+    [(0.0, 2.0, 16), (0.0, 2.0, 64), (0.01, 2.0, 8), (400.0, 1.0, 16), (20.0, 1.0, 128)],
+    ids=["no-decay-beta2", "no-decay-beta2-dk64", "slow-decay-dk8", "decay-underflows", "steep"],
 )
-def test_chunked_against_float64(decay, beta_max, dk):
-    """Hard cases for the chunk-64 triangular solve: reflections (beta = 2), no decay, alpha = 0."""
+def test_chunked_against_float64(decay, beta_max, dk, form):
+    """Hard cases for the chunk-64 triangular solve: reflections (beta = 2), no decay, alpha = 0,
+    steep decays over a whole chunk; the MLX chunked scan and its C form (cached prefill)."""
+    if form == "c" and not cpu_scan.available():
+        pytest.skip("the C scan helper is not built here")
+    chunked = gated_delta_chunked if form == "mlx" else cpu_scan.gated_delta_c
     q, k, v, g, beta, state = make_inputs(128, seed=6, beta_max=beta_max, decay=decay, dk=dk)
     if beta_max == 2.0:
         beta = mx.full(beta.shape, 2.0)
     ref = numpy_reference(q, k, v, g, beta, state)
     scale = max(np.abs(r).max() for r in ref)
-    for out, r in zip(gated_delta_chunked(q, k, v, g, beta, state, chunk_size=64), ref):
+    for out, r in zip(chunked(q, k, v, g, beta, state, chunk_size=64), ref):
         assert bool(mx.all(mx.isfinite(out)))
         np.testing.assert_allclose(np.array(out), r, atol=1e-5 * scale, rtol=0)
 

@@ -43,6 +43,11 @@ def load_helper(stem: str, init: str | None) -> ctypes.CDLL | None:
     return _loaded[stem]
 
 
+def wanted(off_variable: str) -> bool:
+    """Whether a helper may run now: on the CPU device, and not turned off by its variable."""
+    return os.environ.get(off_variable, "") in ("", "0") and mx.default_device() == mx.cpu
+
+
 def threads(variable: str) -> int:
     """Threads for one call: the environment variable, else the CPUs this process may use."""
     value = os.environ.get(variable, "")

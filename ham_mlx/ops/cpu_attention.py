@@ -14,13 +14,12 @@ and HAM_MLX_NO_C_ATTENTION is unset. Its twin is `ham_mlx.ops.attention.chunk_at
 from __future__ import annotations
 
 import ctypes
-import os
 
 import mlx.core as mx
 import numpy as np
 
 from ham_mlx.ops import attention  # its terms (each module uses the other at call time only)
-from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 
 def _load() -> ctypes.CDLL | None:
@@ -32,9 +31,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether `chunk_attention_c` can run here (see the module's docstring)."""
-    if os.environ.get("HAM_MLX_NO_C_ATTENTION", "") not in ("", "0"):
-        return False
-    return mx.default_device() == mx.cpu and _load() is not None
+    return wanted("HAM_MLX_NO_C_ATTENTION") and _load() is not None
 
 
 def workers() -> int:

@@ -13,12 +13,11 @@ MLX form (tests/test_cpu_conv.py compares them). No gradient: this serves cached
 from __future__ import annotations
 
 import ctypes
-import os
 
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 MIN_TOKENS = 16  # shorter calls (decode steps on the general path) keep the lazy MLX form: a
 # host sync per layer would cost more than the pass saves
@@ -33,9 +32,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether `short_conv_c` can run here (see the module's docstring)."""
-    if os.environ.get("HAM_MLX_NO_C_CONV", "") not in ("", "0"):
-        return False
-    return mx.default_device() == mx.cpu and _load() is not None
+    return wanted("HAM_MLX_NO_C_CONV") and _load() is not None
 
 
 def short_conv_c(x: mx.array, taps: mx.array, prev: mx.array | None) -> mx.array:

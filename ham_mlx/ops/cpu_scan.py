@@ -14,12 +14,11 @@ and HAM_MLX_NO_C_SCAN is unset. Its twin is `ham_mlx.ops.gated_delta.gated_delta
 from __future__ import annotations
 
 import ctypes
-import os
 
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 
 def _load() -> ctypes.CDLL | None:
@@ -31,9 +30,7 @@ def _load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether `gated_delta_c` can run here (see the module's docstring)."""
-    if os.environ.get("HAM_MLX_NO_C_SCAN", "") not in ("", "0"):
-        return False
-    return mx.default_device() == mx.cpu and _load() is not None
+    return wanted("HAM_MLX_NO_C_SCAN") and _load() is not None
 
 
 def gated_delta_c(
