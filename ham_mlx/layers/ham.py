@@ -91,11 +91,13 @@ class HAMAttention(GatedDeltaNet):
             self.router = Router(D, args.ham_router_hidden)
         self.freeze(recurse=False, keys=["threshold"])
 
-    def surprise(self, x: mx.array, v: mx.array, v_hat: mx.array) -> mx.array:
-        """Token score s_t [B, L] float32: min over value heads, or the learned router's r_t."""
+    def surprise(self, x: mx.array, v: mx.array, v_hat: mx.array, cached: bool = False) -> mx.array:
+        """Token score s_t [B, L] float32: min over value heads, or the learned router's r_t.
+        cached: a call that fills a cache (see `head_surprise`)."""
         if self.router_kind.learned:
             return self.router(x)
-        return mx.stop_gradient(token_score(head_surprise(v_hat, v, self.router_kind)))
+        e = head_surprise(v_hat, v, self.router_kind, cached)
+        return mx.stop_gradient(token_score(e))
 
     def cache_mismatch(self, cache: HAMCache) -> str | None:
         problem = super().cache_mismatch(cache)
@@ -173,7 +175,7 @@ class HAMAttention(GatedDeltaNet):
         check_cache(cache, HAMCache, "ham")
         rows = None if cache is None else cache.begin(B, L)
         rec = self.recurrence(x, cache, rows)
-        score = self.surprise(x, rec.v, rec.v_hat)  # [B, L]
+        score = self.surprise(x, rec.v, rec.v_hat, cache is not None)  # [B, L]
         if scores is not None:
             scores.append(score)
         valid = None if rows is None else rows.valid
