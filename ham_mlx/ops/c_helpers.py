@@ -20,10 +20,11 @@ from ham_mlx.lanes import cpu_count
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
-def load_helper(stem: str, init: str | None) -> ctypes.CDLL | None:
+def load_helper(stem: str, init: str | None, entry: str) -> ctypes.CDLL | None:
     """The helper `ham_mlx/<stem>*.so`, bound to the loaded OpenBLAS by its `init` (None: a
-    helper that calls no BLAS); None where it was not built or there is no OpenBLAS (the
-    helpers serve the Linux CPU path, which loads it). Tried once per process."""
+    helper that calls no BLAS), its function `entry` returning an int status; None where it was
+    not built or there is no OpenBLAS (the helpers serve the Linux CPU path, which loads it).
+    Tried once per process."""
     if stem in _loaded:
         return _loaded[stem]
     _loaded[stem] = None
@@ -38,6 +39,7 @@ def load_helper(stem: str, init: str | None) -> ctypes.CDLL | None:
         if init is not None:
             getattr(lib, init).argtypes = [ctypes.c_char_p]
         if init is None or getattr(lib, init)(_blas.loaded_openblas.encode()) == 0:
+            getattr(lib, entry).restype = ctypes.c_int
             _loaded[stem] = lib
             break
     return _loaded[stem]

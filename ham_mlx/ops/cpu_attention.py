@@ -23,10 +23,7 @@ from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 
 def _load() -> ctypes.CDLL | None:
-    lib = load_helper("_attention_cpu", "ham_attention_init")
-    if lib is not None:
-        lib.ham_chunk_attention.restype = ctypes.c_int
-    return lib
+    return load_helper("_attention_cpu", "ham_attention_init", "ham_chunk_attention")
 
 
 def available() -> bool:

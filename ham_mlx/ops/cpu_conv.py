@@ -24,10 +24,7 @@ MIN_TOKENS = 16  # shorter calls (decode steps on the general path) keep the laz
 
 
 def _load() -> ctypes.CDLL | None:
-    lib = load_helper("_conv_cpu", None)
-    if lib is not None:
-        lib.ham_short_conv.restype = ctypes.c_int
-    return lib
+    return load_helper("_conv_cpu", None, "ham_short_conv")
 
 
 def available() -> bool:

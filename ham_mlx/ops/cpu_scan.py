@@ -22,10 +22,7 @@ from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 
 def _load() -> ctypes.CDLL | None:
-    lib = load_helper("_scan_cpu", "ham_scan_init")
-    if lib is not None:
-        lib.ham_gated_delta.restype = ctypes.c_int
-    return lib
+    return load_helper("_scan_cpu", "ham_scan_init", "ham_gated_delta")
 
 
 def available() -> bool:

@@ -25,10 +25,7 @@ KINDS = {"cosine": 0, "l2": 1}
 
 
 def _load() -> ctypes.CDLL | None:
-    lib = load_helper("_surprise_cpu", None)
-    if lib is not None:
-        lib.ham_head_surprise.restype = ctypes.c_int
-    return lib
+    return load_helper("_surprise_cpu", None, "ham_head_surprise")
 
 
 def available() -> bool:
