@@ -16,16 +16,15 @@
  * counts[B], key_pos[B, n], query_pos[B, L] (int32). Slot j of row b is seen by query i iff
  * j < settled, or j < counts[b] and key_pos[b, j] <= query_pos[b, i].
  */
-#include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "_cblas.h"
 #include "_exp2.h"
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 #define MAX_WORKERS 64
 #ifndef QUERY_TILE
 #define QUERY_TILE 128
@@ -34,22 +33,8 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 #define KEY_TILE 256
 #endif
 
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
-                         int, float, float *, int);
-static sgemm_fn sgemm;
-static int (*get_threads)(void);
-static void (*set_threads)(int);
-
 /* Bind to cblas_sgemm of the BLAS at path (already loaded). 0 on success. */
-int ham_attention_init(const char *path) {
-  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-  if (!h) return 1;
-  sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
-  get_threads = (int (*)(void))dlsym(h, "openblas_get_num_threads");
-  set_threads = (void (*)(int))dlsym(h, "openblas_set_num_threads");
-  if (!get_threads || !set_threads) get_threads = NULL, set_threads = NULL;
-  return sgemm == NULL;
-}
+int ham_attention_init(const char *path) { return bind_blas(path); }
 
 /* p[i, j] = 2^(s[i, j] + add[j]) where limit[j] <= qpos[i], else 0; rowsum[i] += Σ_j p[i, j]. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -158,8 +143,7 @@ int ham_chunk_attention(int B, int H, int HV, int L, int n, int Dk, int Dv, cons
   struct worker W[MAX_WORKERS];
   pthread_t threads[MAX_WORKERS];
   int started[MAX_WORKERS] = {0};
-  const int blas_threads = get_threads && workers > 1 ? get_threads() : 0;
-  if (blas_threads > 1) set_threads(1);
+  const int blas_threads = blas_single(workers);
   for (int w = 0; w < workers; ++w) {
     W[w] = (struct worker){&J, w, 0};
     if (w > 0) started[w] = pthread_create(&threads[w], NULL, run_worker, &W[w]) == 0;
@@ -175,6 +159,6 @@ int ham_chunk_attention(int B, int H, int HV, int L, int n, int Dk, int Dv, cons
       failed |= W[w].failed;
     }
   }
-  if (blas_threads > 1) set_threads(blas_threads);
+  blas_restore(blas_threads);
   return failed;
 }

@@ -17,36 +17,18 @@
  * [B, HV, Dv, Dk] or NULL (zeros), contiguous; out [B, T, 2, HV, Dv] (o, then v_hat) and
  * s [B, HV, Dv, Dk], contiguous. Value head h reads q/k head h / (HV / H).
  */
-#include <dlfcn.h>
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, LOWER = 122, UNIT = 132, LEFT = 141 };
+#include "_cblas.h"
+
 #define MAX_WORKERS 64
 
-typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
-                         int, float, float *, int);
-typedef void (*strsm_fn)(int, int, int, int, int, int, int, float, const float *, int, float *,
-                         int);
-static sgemm_fn sgemm;
-static strsm_fn strsm;
-static int (*get_threads)(void);
-static void (*set_threads)(int);
-
 /* Bind to cblas_sgemm and cblas_strsm of the BLAS at path (already loaded). 0 on success. */
-int ham_scan_init(const char *path) {
-  void *h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
-  if (!h) return 1;
-  sgemm = (sgemm_fn)dlsym(h, "cblas_sgemm");
-  strsm = (strsm_fn)dlsym(h, "cblas_strsm");
-  get_threads = (int (*)(void))dlsym(h, "openblas_get_num_threads");
-  set_threads = (void (*)(int))dlsym(h, "openblas_set_num_threads");
-  if (!get_threads || !set_threads) get_threads = NULL, set_threads = NULL;
-  return sgemm == NULL || strsm == NULL;
-}
+int ham_scan_init(const char *path) { return bind_blas(path) || strsm == NULL; }
 
 struct job {
   int B, T, H, HV, Dk, Dv, C;
@@ -186,14 +168,13 @@ int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const fl
   pthread_mutex_init(&J.lock, NULL);
   pthread_t threads[MAX_WORKERS];
   int started[MAX_WORKERS] = {0};
-  const int blas_threads = get_threads && workers > 1 ? get_threads() : 0;
-  if (blas_threads > 1) set_threads(1);
+  const int blas_threads = blas_single(workers);
   for (int i = 1; i < workers; i++)
     started[i] = pthread_create(&threads[i], NULL, run_worker, &W[i]) == 0;
   run_worker(&W[0]); /* a thread that could not start leaves its items to the others */
   for (int i = 1; i < workers; i++)
     if (started[i]) pthread_join(threads[i], NULL);
-  if (blas_threads > 1) set_threads(blas_threads);
+  blas_restore(blas_threads);
   pthread_mutex_destroy(&J.lock);
   for (int i = 0; i < workers; i++) free(W[i].w.qk);
   return 0;

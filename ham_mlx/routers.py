@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ham_mlx.ops import cpu_surprise
+from ham_mlx.ops import c_helpers, cpu_surprise
 
 EPS = 1e-6  # the ε of the head surprises and of the learned router's key bias
 
@@ -127,20 +127,18 @@ check_table(HEAD_SURPRISE, "ham_mlx.routers.HEAD_SURPRISE",
             {n: k for n, k in ROUTERS.items() if k.per_head})  # fmt: skip
 
 
-C_MIN_TOKENS = 16  # shorter calls (decode) keep the lazy MLX form: a host sync costs more
-
-
 def head_surprise(
     v_hat: mx.array, v: mx.array, kind: str | RouterKind, cached: bool = False
 ) -> mx.array:
     """e^j per token and value head `[..., HV]` float32 from v_hat (float32) and v
     `[..., HV, Dv]` (spec §4.1), for a head router `kind` (ValueError for a learned one).
     cached: a prefill call that fills a cache; on the CPU one of `[B, L, HV, Dv]` with at least
-    C_MIN_TOKENS tokens may run as one C call (`cpu_surprise.head_surprise_c`)."""
+    `c_helpers.MIN_TOKENS` tokens may run as one C call (`cpu_surprise.head_surprise_c`)."""
     kind = get_router(kind)
     if not kind.per_head:
         raise ValueError(f"router {kind.name!r} has no head surprise (its score is learned)")
-    c_form = cached and v.ndim == 4 and v.shape[1] >= C_MIN_TOKENS and v.dtype == mx.float32
+    long_enough = v.ndim == 4 and v.shape[1] >= c_helpers.MIN_TOKENS
+    c_form = cached and long_enough and v.dtype == mx.float32
     if c_form and cpu_surprise.available():
         return cpu_surprise.head_surprise_c(v_hat, v, kind.name, EPS)
     return HEAD_SURPRISE[kind.name](v_hat, v.astype(mx.float32))

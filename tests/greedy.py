@@ -45,9 +45,11 @@ def tie_aware_greedy(
         token = best = draw(logits)
         if not follows([*ids, best]):
             for t in np.argsort(-logits)[:CANDIDATES].tolist():
+                if t == best or not follows([*ids, t]):
+                    continue
                 raised = logits.copy()
                 raised[t] += tie
-                if t != best and follows([*ids, t]) and draw(raised) == t:
+                if draw(raised) == t:
                     token = t
                     break
         ids.append(token)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ham_mlx.layers.common import causal_short_conv
-from ham_mlx.ops import cpu_conv
+from ham_mlx.ops import c_helpers, cpu_conv
 
 needs_c = pytest.mark.skipif(not cpu_conv.available(), reason="the C conv helper is not built")
 
@@ -28,7 +28,7 @@ def inputs(B, L, C, Kc, seed, scale=1.0, with_prev=True):
 @pytest.mark.parametrize("Kc", [2, 4])
 @pytest.mark.parametrize("L", [1, 2, 3, 100])
 def test_c_form_equals_the_mlx_form(L, Kc, with_prev, monkeypatch):
-    monkeypatch.setattr(cpu_conv, "MIN_TOKENS", 1)  # the C form for every length
+    monkeypatch.setattr(c_helpers, "MIN_TOKENS", 1)  # the C form for every length
     x, weight, prev = inputs(2, L, 37, Kc, seed=L * Kc, with_prev=with_prev)
     want_y, want_state = causal_short_conv(x, weight, prev)
     y, state = causal_short_conv(x, weight, prev, cached=True)

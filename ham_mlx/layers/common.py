@@ -10,7 +10,7 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx.ops import cpu_conv, fast_math
+from ham_mlx.ops import c_helpers, cpu_conv, fast_math
 
 # One-token decode of GDN/HAM layers runs a fixed-shape step function (`decode_step` in gdn.py
 # and ham.py) instead of the general path, mx.compile'd so that its elementwise ops fuse.
@@ -66,7 +66,7 @@ def causal_short_conv(
     x [B, L, C] raw projected inputs; weight [C, Kc, 1] (tap Kc-1 multiplies the current token);
     prev [B, Kc-1, C] the inputs before x (None: zeros); ends [B]: row b's real tokens end at
     ends[b] <= L (right padding; None: all L). cached: a call that fills a cache, which no
-    gradient goes through: on the CPU a float32 one of at least `cpu_conv.MIN_TOKENS` tokens may
+    gradient goes through: on the CPU a float32 one of at least `c_helpers.MIN_TOKENS` tokens may
     run as one C call (`cpu_conv.short_conv_c`). Returns (SiLU(conv) [B, L, C], the last Kc-1
     real inputs [B, Kc-1, C] for the cache, None when Kc = 1).
     """
@@ -75,7 +75,7 @@ def causal_short_conv(
     if Kc == 1:
         return fast_math.silu(x * weight[:, 0, 0]), None
     unpadded = ends is None or (ends == L).all()
-    c_form = cached and unpadded and L >= cpu_conv.MIN_TOKENS and x.dtype == mx.float32
+    c_form = cached and unpadded and L >= c_helpers.MIN_TOKENS and x.dtype == mx.float32
     if c_form and cpu_conv.available():
         y = cpu_conv.short_conv_c(x, weight[:, :, 0].T, prev)
         if L >= Kc - 1:

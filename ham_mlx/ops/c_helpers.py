@@ -17,6 +17,10 @@ import numpy as np
 from ham_mlx import _blas
 from ham_mlx.lanes import cpu_count
 
+# Calls shorter than this (decode steps on the general path) keep the lazy MLX forms: the host
+# sync before a C call would cost more than the call saves.
+MIN_TOKENS = 16
+
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
 

@@ -19,9 +19,6 @@ import numpy as np
 
 from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
-MIN_TOKENS = 16  # shorter calls (decode steps on the general path) keep the lazy MLX form: a
-# host sync per layer would cost more than the pass saves
-
 
 def _load() -> ctypes.CDLL | None:
     return load_helper("_conv_cpu", None, "ham_short_conv")
