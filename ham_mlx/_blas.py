@@ -133,6 +133,11 @@ def preload_openblas() -> str | None:
         elif path:
             warnings.warn(TOO_LATE.format(path=path), RuntimeWarning, stacklevel=3)
         return loaded_openblas
+    # After a multi-threaded product, OpenBLAS's idle threads spin in sched_yield for 2^28 cycles
+    # (about 0.1 s) before they sleep. Between MLX's products the C helpers run on every core, and
+    # the spinning threads took a core from them (a 16k prefill's attention: 9.5 s against 6.1 s
+    # with threads that sleep at once). Waking a sleeping thread costs microseconds per product.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # 2^4 cycles: the least OpenBLAS takes
     for path in OPENBLAS_PATHS:
         if os.path.exists(path):
             if not _off("HAM_MLX_NO_GEMV_SHIM"):
