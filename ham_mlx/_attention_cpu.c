@@ -11,12 +11,16 @@
  *   keys   [B, H, n, Dk]
  *   values [B, HV, n, Dv]
  *   out    [B, L, HV, Dv]   contiguous
+ * With gate [B, L, HV] (strides (b, i) in floats, heads contiguous) each output row o of head h
+ * leaves as the HAM layer's gated output, sigmoid(gate) * RMSNorm(o) * norm_weight, with
+ * RMSNorm(o) = o / sqrt(mean(o^2) + eps) (spec §4.4); without it (NULL) as the attention alone.
  * scale[HV] = log2(e) exp(log_scale), shift[HV] = -log2(e) max(exp(log_scale), sink),
  * sink_weight[HV] = exp(sink - max(...)), bias2[B, n] = log2(e) key_bias or NULL,
  * counts[B], key_pos[B, n], query_pos[B, L] (int32). Slot j of row b is seen by query i iff
  * j < settled, or j < counts[b] and key_pos[b, j] <= query_pos[b, i].
  */
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -66,7 +70,23 @@ struct job {
   long q_sb, q_sh, q_sl, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn;
   const int32_t *counts, *key_pos, *query_pos;
   float *out;
+  const float *gate, *norm_weight;
+  long g_sb, g_sl;
+  float eps;
 };
+
+/* o <- sigmoid(gate) * o / sqrt(mean(o^2) + eps) * norm_weight, over Dv floats. */
+static void gated_norm(const struct job *J, float *o, float gate) {
+  float part[8] = {0};
+  int d = 0;
+  for (; d + 8 <= J->Dv; d += 8)
+    for (int k = 0; k < 8; ++k) part[k] += o[d + k] * o[d + k];
+  float sum = 0.0f;
+  for (; d < J->Dv; ++d) sum += o[d] * o[d];
+  for (int k = 0; k < 8; ++k) sum += part[k];
+  const float factor = 1.0f / ((1.0f + expf(-gate)) * sqrtf(sum / (float)J->Dv + J->eps));
+  for (d = 0; d < J->Dv; ++d) o[d] *= factor * J->norm_weight[d];
+}
 
 struct worker {
   const struct job *job;
@@ -102,6 +122,7 @@ static void tile(const struct job *J, int b, int h, int i0, float *s, float *add
     const float inv = 1.0f / (rowsum[i] + J->sink_weight[h]);
     float *o = oh + (size_t)i * ldo;
     for (int d = 0; d < J->Dv; ++d) o[d] *= inv;
+    if (J->gate) gated_norm(J, o, J->gate[b * J->g_sb + (i0 + i) * J->g_sl + h]);
   }
 }
 
@@ -133,13 +154,15 @@ int ham_chunk_attention(int B, int H, int HV, int L, int n, int Dk, int Dv, cons
                         long k_sn, const float *values, long v_sb, long v_sh, long v_sn,
                         const float *scale, const float *shift, const float *sink_weight,
                         const float *bias2, const int32_t *counts, const int32_t *key_pos,
-                        const int32_t *query_pos, int settled, float *out, int workers) {
+                        const int32_t *query_pos, int settled, float *out, int workers,
+                        const float *gate, long g_sb, long g_sl, const float *norm_weight,
+                        float eps) {
   if (!sgemm) return 2;
   if (workers < 1) workers = 1;
   if (workers > MAX_WORKERS) workers = MAX_WORKERS;
   struct job J = {B, H, HV, L, n, Dk, Dv, settled, workers, q, keys, values, scale, shift,
                   sink_weight, bias2, q_sb, q_sh, q_sl, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
-                  counts, key_pos, query_pos, out};
+                  counts, key_pos, query_pos, out, gate, norm_weight, g_sb, g_sl, eps};
   struct worker W[MAX_WORKERS];
   pthread_t threads[MAX_WORKERS];
   int started[MAX_WORKERS] = {0};

@@ -99,6 +99,23 @@ def test_matches_twin_and_reference(H, HV, L, settled, late, counts, bias, form)
     np.testing.assert_allclose(np.array(got), ref, atol=2e-6, rtol=1e-5)
 
 
+@needs_c
+@pytest.mark.parametrize("bias", [False, True], ids=["cosine", "learned"])
+def test_gated_c_form_matches_gated_output_of_the_twin(bias):
+    """The C form with the gated norm folded in: the HAM layer's gated output of the attention,
+    from a gate that is a strided slice (as the layer's projections give it)."""
+    args = cache_inputs(1, 2, 200, 300, 90, [390, 301], seed=4)
+    *args, key_bias = args
+    key_bias = key_bias if bias else None
+    L, HV = args[0].shape[2], args[2].shape[1]
+    small = mx.random.normal((B, L, 3 * HV))  # a | b | kv gate, like the layer's
+    gate, weight, eps = small[..., 2 * HV :], mx.random.uniform(0.5, 1.5, (DV,)), 1e-5
+    got = cpu_attention.chunk_attention_c(*args, key_bias, 300, (gate, weight, eps))
+    want = attention.gated_output(compact_attention(*args, key_bias), gate, weight, eps)
+    assert got.shape == want.shape == (B, L, HV, DV) and got.dtype == mx.float32
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_queries_with_nothing_to_see_get_exactly_zero(form):
     q, keys, values, counts, positions, q_pos, log_scale, sink, _ = cache_inputs(

@@ -301,7 +301,8 @@ def cached_admitted_attention(
     """`gated_output(compact_attention(...))`: the HAM attention term over the cache,
     `[B, L, HV, Dv]`. On a GPU a fused kernel computes it (see ham_mlx.kernels); with
     `settled` (see `chunk_attention`) and more than one query, `chunk_attention` does, or its
-    C twin `cpu_attention.chunk_attention_c` where that is available."""
+    C twin `cpu_attention.chunk_attention_c` where that is available (with the gated norm in the
+    same pass)."""
     if kernels.kernels_enabled():
         if query_positions.ndim != 1:
             kernels.warn_fallback("admitted-attention", "rows at different positions")
@@ -312,9 +313,9 @@ def cached_admitted_attention(
             kernels.warn_fallback("admitted-attention", "head sizes are not multiples of 32")
     args = (q, keys, values, counts, key_positions, query_positions, log_scale, sink, key_bias)
     if settled is not None and q.shape[2] > 1 and fits_exp2(log_scale, sink, key_bias is not None):
-        o = (cpu_attention.chunk_attention_c if cpu_attention.available() else chunk_attention)(
-            *args, settled
-        )
+        if cpu_attention.available():  # the norm and the gate in the same pass
+            return cpu_attention.chunk_attention_c(*args, settled, (gate, norm_weight, eps))
+        o = chunk_attention(*args, settled)
     else:
         o = compact_attention(*args)
     return gated_output(o, gate, norm_weight, eps)

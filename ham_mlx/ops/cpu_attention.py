@@ -47,11 +47,15 @@ def chunk_attention_c(
     sink: mx.array,
     key_bias: mx.array | None = None,
     settled: int = 0,
+    gated: tuple[mx.array, mx.array, float] | None = None,
 ) -> mx.array:
     """`chunk_attention` (same arguments and conditions, `fits_exp2` included) in one C call.
 
     q `[B, H, L, Dk]`; keys `[B, H, n, Dk]`; values `[B, HV, n, Dv]`. Evaluates its inputs.
     Returns `[B, HV, L, Dv]` in q's dtype (a transposed view of a `[B, L, HV, Dv]` array).
+    gated: (gate `[B, L, HV]`, norm weight `[Dv]`, eps): return the HAM layer's gated output
+    instead, `gated_output(chunk_attention(...), *gated)`, `[B, L, HV, Dv]` float32, the norm
+    and the gate applied to each row in the same pass.
     """
     lib = _load()
     if lib is None:
@@ -65,6 +69,10 @@ def chunk_attention_c(
     q_pos = query_positions if query_positions.ndim == 2 else query_positions[None]
     q_pos = mx.broadcast_to(q_pos, (B, L))
     parts = [q, keys, values, scale, shift, sink_weight, counts, key_positions, q_pos]
+    gate = weight = None
+    if gated is not None:
+        gate, weight = gated[0].astype(mx.float32), gated[1].astype(mx.float32)
+        parts += [gate, weight]
     mx.eval(*parts, *([] if bias2 is None else [bias2]))
 
     qa, ka, va = (host(x, mx.float32) for x in (q, keys, values))
@@ -73,6 +81,12 @@ def chunk_attention_c(
     ba = None if bias2 is None else np.ascontiguousarray(host(bias2, mx.float32))
     out = np.empty((B, L, HV, Dv), np.float32)
     f = ctypes.c_float
+    gate_args: list = [None, ctypes.c_long(0), ctypes.c_long(0), None, ctypes.c_float(0.0)]
+    if gated is not None:
+        ga = host(gate, mx.float32)
+        wa = np.ascontiguousarray(host(weight, mx.float32))
+        gate_args = [pointer(ga, f), *(ctypes.c_long(st // 4) for st in ga.strides[:2]),
+                     pointer(wa, f), ctypes.c_float(gated[2])]  # fmt: skip
     # row strides of a length-1 axis are arbitrary; BLAS wants a leading dimension >= the row
     strides = [
         st // 4 if (axis < 2 or a.shape[2] > 1) else a.shape[3]
@@ -88,8 +102,10 @@ def chunk_attention_c(
         *(pointer(p, f) for p in params),
         None if ba is None else pointer(ba, f),
         *(pointer(a, ctypes.c_int32) for a in ints),
-        ctypes.c_int(settled), pointer(out, f), ctypes.c_int(workers()),
+        ctypes.c_int(settled), pointer(out, f), ctypes.c_int(workers()), *gate_args,
     )  # fmt: skip
     if rc != 0:
         raise MemoryError("the C attention helper could not allocate its tiles")
+    if gated is not None:
+        return mx.array(out)
     return mx.array(out).transpose(0, 2, 1, 3).astype(q.dtype)
