@@ -93,3 +93,17 @@ def test_importing_mlx_first_warns_unless_openblas_is_preloaded():
         [sys.executable, "-c", "import ham_mlx, mlx.core"], env=env, capture_output=True, text=True
     )
     assert first.returncode == 0 and "Warning" not in first.stderr
+
+
+@pytest.mark.skipif(not HAVE_OPENBLAS, reason="libopenblas0-pthread is not installed")
+def test_openblas_idle_threads_sleep_unless_the_user_says_otherwise():
+    """ham_mlx asks OpenBLAS for threads that sleep as soon as a product ends (their spin took a
+    core from the C helpers); a value the user set is kept."""
+    code = "import os, ham_mlx; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT",
+                                                            "HAM_MLX_NO_OPENBLAS")}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "4", out.stderr
+    env["OPENBLAS_THREAD_TIMEOUT"] = "12"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "12", out.stderr
