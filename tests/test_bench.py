@@ -138,6 +138,9 @@ def test_prefill_targets_read_the_measurements():
     assert peer["status"] == "met" and peer["detail"].startswith("prefill 4.00x")
     decode[1]["tok_s"] = 26.0
     assert targets.gdn_peer(rows, decode)["status"] == "missed"
+    # prefill met, decode not run: not a miss (a prefill-only run says so)
+    assert targets.gdn_peer(rows, [])["status"] == "not measured"
+    rows[-1]["tok_s"] = 30.0  # prefill 3.33x: a miss whatever decode says
     assert targets.gdn_peer(rows, [])["status"] == "missed"
 
 
