@@ -7,10 +7,14 @@
  * a pass of its own over [T, HV, Dv].
  *
  * Shapes (float32): v_hat, v [B, T, HV, Dv] with strides (b, t, h) in floats and the last axis
- * contiguous; out [B, T, HV] contiguous. kind: 0 cosine, 1 l2.
+ * contiguous; out [B, T, HV] contiguous. kind: 0 cosine, 1 l2. Tokens are shared among threads.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
+
+#define MAX_WORKERS 64
+#define PARALLEL_MIN 65536 /* floats of v below which one thread is faster */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -32,14 +36,54 @@ static void head(const float *restrict vh, const float *restrict v, int Dv, int 
   *out = kind == 0 ? 1.0f - dot[0] / sqrtf((hh[0] + eps) * (vv[0] + eps)) : ee[0] / (vv[0] + eps);
 }
 
-/* 0 on success, 1 for an unknown kind. */
+struct job {
+  int kind, B, T, HV, Dv, workers;
+  const float *v_hat, *v;
+  const long *hs, *vs;
+  float eps, *out;
+};
+
+struct part {
+  const struct job *J;
+  int index;
+};
+
+/* Part p takes the tokens [lo, hi) of the flattened [B, T]. */
+static void *run_part(void *arg) {
+  const struct part *P = arg;
+  const struct job *J = P->J;
+  const long total = (long)J->B * J->T;
+  const long lo = total * P->index / J->workers, hi = total * (P->index + 1) / J->workers;
+  for (long r = lo; r < hi; r++) {
+    const long b = r / J->T, t = r % J->T;
+    for (int h = 0; h < J->HV; h++)
+      head(J->v_hat + b * J->hs[0] + t * J->hs[1] + h * J->hs[2],
+           J->v + b * J->vs[0] + t * J->vs[1] + h * J->vs[2], J->Dv, J->kind, J->eps,
+           J->out + r * J->HV + h);
+  }
+  return NULL;
+}
+
+/* 0 on success, 1 for an unknown kind. Tokens are shared among `workers` threads. */
 int ham_head_surprise(int kind, int B, int T, int HV, int Dv, const float *v_hat, const long *hs,
-                      const float *v, const long *vs, float eps, float *out) {
+                      const float *v, const long *vs, float eps, float *out, int workers) {
   if (kind != 0 && kind != 1) return 1;
-  for (int b = 0; b < B; b++)
-    for (int t = 0; t < T; t++)
-      for (int h = 0; h < HV; h++)
-        head(v_hat + b * hs[0] + t * hs[1] + h * hs[2], v + b * vs[0] + t * vs[1] + h * vs[2], Dv,
-             kind, eps, out + ((size_t)b * T + t) * HV + h);
+  if (workers > MAX_WORKERS) workers = MAX_WORKERS;
+  if ((long)B * T * HV * Dv < PARALLEL_MIN || workers < 1) workers = 1;
+  if ((long)workers > (long)B * T) workers = B * T > 0 ? B * T : 1;
+  struct job J = {kind, B, T, HV, Dv, workers, v_hat, v, hs, vs, eps, out};
+  struct part parts[MAX_WORKERS];
+  pthread_t threads[MAX_WORKERS];
+  int started[MAX_WORKERS] = {0};
+  for (int i = 0; i < workers; i++) parts[i].J = &J, parts[i].index = i;
+  for (int i = 1; i < workers; i++)
+    started[i] = pthread_create(&threads[i], NULL, run_part, &parts[i]) == 0;
+  run_part(&parts[0]);
+  for (int i = 1; i < workers; i++) {
+    if (started[i])
+      pthread_join(threads[i], NULL);
+    else
+      run_part(&parts[i]); /* a thread that could not start: its part runs here */
+  }
   return 0;
 }

@@ -36,6 +36,19 @@ def test_c_form_equals_the_mlx_form(kind, Dv):
 
 
 @needs_c
+def test_c_form_gives_the_same_result_on_any_number_of_threads(monkeypatch):
+    v_hat, v = inputs(200, 256, seed=3)  # enough work to be shared among threads
+    want = np.array(head_surprise(v_hat, v, "cosine"))
+    results = []
+    for threads in ("1", "2", "7", "1000"):
+        monkeypatch.setenv("HAM_MLX_C_SURPRISE_THREADS", threads)
+        results.append(np.array(cpu_surprise.head_surprise_c(v_hat, v, "cosine", 1e-6)))
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    np.testing.assert_allclose(results[0], want, atol=2e-6, rtol=1e-5)
+
+
+@needs_c
 def test_zero_vectors_score_as_the_mlx_form_does():
     v_hat, v = mx.zeros((1, 20, 2, 16)), mx.zeros((1, 20, 2, 16))
     for kind in ("cosine", "l2"):

@@ -19,7 +19,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from ham_mlx.ops.c_helpers import host, load_helper, pointer, wanted
+from ham_mlx.ops.c_helpers import host, load_helper, pointer, threads, wanted
 
 KINDS = {"cosine": 0, "l2": 1}
 
@@ -48,6 +48,6 @@ def head_surprise_c(v_hat: mx.array, v: mx.array, kind: str, eps: float) -> mx.a
     lib.ham_head_surprise(
         *map(ctypes.c_int, (KINDS[kind], B, T, HV, Dv)),
         pointer(ha, f), pointer(hs, ctypes.c_long), pointer(va, f), pointer(vs, ctypes.c_long),
-        ctypes.c_float(eps), pointer(out, f),
+        ctypes.c_float(eps), pointer(out, f), ctypes.c_int(threads("HAM_MLX_C_SURPRISE_THREADS")),
     )  # fmt: skip
     return mx.array(out)
