@@ -28,8 +28,9 @@
 
 #include "_cblas.h"
 #include "_exp2.h"
+#include "_parts.h"
 
-#define MAX_WORKERS 64
+#define MAX_WORKERS HAM_MAX_PARTS
 #ifndef QUERY_TILE
 #define QUERY_TILE 128
 #endif
@@ -164,24 +165,11 @@ int ham_chunk_attention(int B, int H, int HV, int L, int n, int Dk, int Dv, cons
                   sink_weight, bias2, q_sb, q_sh, q_sl, k_sb, k_sh, k_sn, v_sb, v_sh, v_sn,
                   counts, key_pos, query_pos, out, gate, norm_weight, g_sb, g_sl, eps};
   struct worker W[MAX_WORKERS];
-  pthread_t threads[MAX_WORKERS];
-  int started[MAX_WORKERS] = {0};
+  for (int w = 0; w < workers; ++w) W[w] = (struct worker){&J, w, 0};
   const int blas_threads = blas_single(workers);
-  for (int w = 0; w < workers; ++w) {
-    W[w] = (struct worker){&J, w, 0};
-    if (w > 0) started[w] = pthread_create(&threads[w], NULL, run_worker, &W[w]) == 0;
-  }
-  run_worker(&W[0]);
-  int failed = W[0].failed;
-  for (int w = 1; w < workers; ++w) {
-    if (started[w]) {
-      pthread_join(threads[w], NULL);
-      failed |= W[w].failed;
-    } else {
-      run_worker(&W[w]); /* no thread: do its share here */
-      failed |= W[w].failed;
-    }
-  }
+  ham_run_parts(run_worker, W, sizeof W[0], workers);
   blas_restore(blas_threads);
+  int failed = 0;
+  for (int w = 0; w < workers; ++w) failed |= W[w].failed;
   return failed;
 }

@@ -9,12 +9,12 @@
  * contiguous, or NULL (zeros); w [Kc, C] contiguous (tap Kc-1 multiplies the current token);
  * out [B, L, C] contiguous.
  */
-#include <pthread.h>
 #include <stddef.h>
 
 #include "_exp2.h"
+#include "_parts.h"
 
-#define MAX_WORKERS 64
+#define MAX_WORKERS HAM_MAX_PARTS
 #define MAX_TAPS 16
 #define LOG2E 1.4426950408889634f
 
@@ -79,17 +79,7 @@ int ham_short_conv(int B, int L, int C, int Kc, const float *x, long xb, long xt
   if (workers < 1) workers = 1;
   struct job J = {B, L, C, Kc, x, prev, w, xb, xt, out, workers};
   struct part parts[MAX_WORKERS];
-  pthread_t threads[MAX_WORKERS];
-  int started[MAX_WORKERS] = {0};
   for (int i = 0; i < workers; i++) parts[i].J = &J, parts[i].index = i;
-  for (int i = 1; i < workers; i++)
-    started[i] = pthread_create(&threads[i], NULL, run_part, &parts[i]) == 0;
-  run_part(&parts[0]);
-  for (int i = 1; i < workers; i++) {
-    if (started[i])
-      pthread_join(threads[i], NULL);
-    else
-      run_part(&parts[i]); /* a thread that could not start: its part runs here */
-  }
+  ham_run_parts(run_part, parts, sizeof parts[0], workers);
   return 0;
 }

@@ -10,10 +10,11 @@
  * contiguous; out [B, T, HV] contiguous. kind: 0 cosine, 1 l2. Tokens are shared among threads.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stddef.h>
 
-#define MAX_WORKERS 64
+#include "_parts.h"
+
+#define MAX_WORKERS HAM_MAX_PARTS
 #define PARALLEL_MIN 65536 /* floats of v below which one thread is faster */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -73,17 +74,7 @@ int ham_head_surprise(int kind, int B, int T, int HV, int Dv, const float *v_hat
   if ((long)workers > (long)B * T) workers = B * T > 0 ? B * T : 1;
   struct job J = {kind, B, T, HV, Dv, workers, v_hat, v, hs, vs, eps, out};
   struct part parts[MAX_WORKERS];
-  pthread_t threads[MAX_WORKERS];
-  int started[MAX_WORKERS] = {0};
   for (int i = 0; i < workers; i++) parts[i].J = &J, parts[i].index = i;
-  for (int i = 1; i < workers; i++)
-    started[i] = pthread_create(&threads[i], NULL, run_part, &parts[i]) == 0;
-  run_part(&parts[0]);
-  for (int i = 1; i < workers; i++) {
-    if (started[i])
-      pthread_join(threads[i], NULL);
-    else
-      run_part(&parts[i]); /* a thread that could not start: its part runs here */
-  }
+  ham_run_parts(run_part, parts, sizeof parts[0], workers);
   return 0;
 }
