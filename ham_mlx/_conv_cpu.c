@@ -12,6 +12,7 @@
 #include <stddef.h>
 
 #include "_exp2.h"
+#include "_ftz.h"
 #include "_parts.h"
 
 #define MAX_WORKERS HAM_MAX_PARTS
@@ -61,12 +62,14 @@ static void *run_part(void *arg) {
   const struct job *J = P->J;
   const long total = (long)J->B * J->L;
   const long lo = total * P->index / J->workers, hi = total * (P->index + 1) / J->workers;
+  const unsigned csr = ham_ftz_begin();
   for (long r = lo; r < hi;) { /* rows [lo, hi) of the flattened [B, L] */
     const int b = (int)(r / J->L), t = (int)(r % J->L);
     const long row_end = (long)(b + 1) * J->L < hi ? (long)(b + 1) * J->L : hi;
     conv_rows(J, b, t, (int)(row_end - (long)b * J->L));
     r = row_end;
   }
+  ham_ftz_end(csr);
   return NULL;
 }
 

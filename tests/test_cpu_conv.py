@@ -76,3 +76,14 @@ def test_padded_short_or_half_precision_calls_keep_the_mlx_form(monkeypatch):
 def test_c_form_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("HAM_MLX_NO_C_CONV", "1")
     assert not cpu_conv.available()
+
+
+@needs_c
+def test_the_callers_floating_point_mode_is_left_as_it_was(monkeypatch):
+    """The helper's threads flush denormals (a speed matter inside its SiLU); the calling thread,
+    which runs a share of the work, gets its own mode back: denormals still exist after a call."""
+    x, weight, prev = inputs(1, 40, 64, 4, seed=5)
+    monkeypatch.setenv("HAM_MLX_C_CONV_THREADS", "1")  # all of it on the calling thread
+    cpu_conv.short_conv_c(x, weight[:, :, 0].T, prev)
+    tiny = np.array([1e-38], np.float32) / np.float32(16)  # a denormal, or 0 under flush-to-zero
+    assert tiny[0] != 0.0
