@@ -60,8 +60,8 @@ struct part {
 static void *run_part(void *arg) {
   const struct part *P = arg;
   const struct job *J = P->J;
-  const long total = (long)J->B * J->L;
-  const long lo = total * P->index / J->workers, hi = total * (P->index + 1) / J->workers;
+  long lo, hi;
+  ham_part_range((long)J->B * J->L, P->index, J->workers, &lo, &hi);
   const unsigned csr = ham_ftz_begin();
   for (long r = lo; r < hi;) { /* rows [lo, hi) of the flattened [B, L] */
     const int b = (int)(r / J->L), t = (int)(r % J->L);

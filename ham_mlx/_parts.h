@@ -23,4 +23,10 @@ static void ham_run_parts(void *(*part)(void *), void *parts, size_t size, int n
   }
 }
 
+/* Part `index` of `parts` equal shares of `total` items: the items [*lo, *hi). */
+static inline void ham_part_range(long total, int index, int parts, long *lo, long *hi) {
+  *lo = total * index / parts;
+  *hi = total * (index + 1) / parts;
+}
+
 #endif

@@ -53,8 +53,8 @@ struct part {
 static void *run_part(void *arg) {
   const struct part *P = arg;
   const struct job *J = P->J;
-  const long total = (long)J->B * J->T;
-  const long lo = total * P->index / J->workers, hi = total * (P->index + 1) / J->workers;
+  long lo, hi;
+  ham_part_range((long)J->B * J->T, P->index, J->workers, &lo, &hi);
   for (long r = lo; r < hi; r++) {
     const long b = r / J->T, t = r % J->T;
     for (int h = 0; h < J->HV; h++)
