@@ -15,7 +15,6 @@
 #include "_ftz.h"
 #include "_parts.h"
 
-#define MAX_WORKERS HAM_MAX_PARTS
 #define MAX_TAPS 16
 #define LOG2E 1.4426950408889634f
 
@@ -24,7 +23,6 @@ struct job {
   const float *x, *prev, *w;
   long xb, xt;
   float *out;
-  int workers;
 };
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -52,37 +50,24 @@ static void conv_rows(const struct job *J, int b, int t_begin, int t_end) {
   }
 }
 
-struct part {
-  const struct job *J;
-  int index;
-};
-
-static void *run_part(void *arg) {
-  const struct part *P = arg;
-  const struct job *J = P->J;
-  long lo, hi;
-  ham_part_range((long)J->B * J->L, P->index, J->workers, &lo, &hi);
+/* The rows [lo, hi) of the flattened [B, L]. */
+static void run_rows(const void *job, long lo, long hi) {
+  const struct job *J = job;
   const unsigned csr = ham_ftz_begin();
-  for (long r = lo; r < hi;) { /* rows [lo, hi) of the flattened [B, L] */
+  for (long r = lo; r < hi;) {
     const int b = (int)(r / J->L), t = (int)(r % J->L);
     const long row_end = (long)(b + 1) * J->L < hi ? (long)(b + 1) * J->L : hi;
     conv_rows(J, b, t, (int)(row_end - (long)b * J->L));
     r = row_end;
   }
   ham_ftz_end(csr);
-  return NULL;
 }
 
 /* 0 on success, 1 when Kc is out of range. */
 int ham_short_conv(int B, int L, int C, int Kc, const float *x, long xb, long xt,
                    const float *prev, const float *w, float *out, int workers) {
   if (Kc < 1 || Kc > MAX_TAPS) return 1;
-  if (workers > MAX_WORKERS) workers = MAX_WORKERS;
-  if ((long)workers > (long)B * L) workers = B * L > 0 ? B * L : 1;
-  if (workers < 1) workers = 1;
-  struct job J = {B, L, C, Kc, x, prev, w, xb, xt, out, workers};
-  struct part parts[MAX_WORKERS];
-  for (int i = 0; i < workers; i++) parts[i].J = &J, parts[i].index = i;
-  ham_run_parts(run_part, parts, sizeof parts[0], workers);
+  struct job J = {B, L, C, Kc, x, prev, w, xb, xt, out};
+  ham_run_shares(run_rows, &J, (long)B * L, workers);
   return 0;
 }

@@ -14,7 +14,6 @@
 
 #include "_parts.h"
 
-#define MAX_WORKERS HAM_MAX_PARTS
 #define PARALLEL_MIN 65536 /* floats of v below which one thread is faster */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -38,23 +37,15 @@ static void head(const float *restrict vh, const float *restrict v, int Dv, int 
 }
 
 struct job {
-  int kind, B, T, HV, Dv, workers;
+  int kind, B, T, HV, Dv;
   const float *v_hat, *v;
   const long *hs, *vs;
   float eps, *out;
 };
 
-struct part {
-  const struct job *J;
-  int index;
-};
-
-/* Part p takes the tokens [lo, hi) of the flattened [B, T]. */
-static void *run_part(void *arg) {
-  const struct part *P = arg;
-  const struct job *J = P->J;
-  long lo, hi;
-  ham_part_range((long)J->B * J->T, P->index, J->workers, &lo, &hi);
+/* The tokens [lo, hi) of the flattened [B, T]. */
+static void run_tokens(const void *job, long lo, long hi) {
+  const struct job *J = job;
   for (long r = lo; r < hi; r++) {
     const long b = r / J->T, t = r % J->T;
     for (int h = 0; h < J->HV; h++)
@@ -62,19 +53,14 @@ static void *run_part(void *arg) {
            J->v + b * J->vs[0] + t * J->vs[1] + h * J->vs[2], J->Dv, J->kind, J->eps,
            J->out + r * J->HV + h);
   }
-  return NULL;
 }
 
 /* 0 on success, 1 for an unknown kind. Tokens are shared among `workers` threads. */
 int ham_head_surprise(int kind, int B, int T, int HV, int Dv, const float *v_hat, const long *hs,
                       const float *v, const long *vs, float eps, float *out, int workers) {
   if (kind != 0 && kind != 1) return 1;
-  if (workers > MAX_WORKERS) workers = MAX_WORKERS;
-  if ((long)B * T * HV * Dv < PARALLEL_MIN || workers < 1) workers = 1;
-  if ((long)workers > (long)B * T) workers = B * T > 0 ? B * T : 1;
-  struct job J = {kind, B, T, HV, Dv, workers, v_hat, v, hs, vs, eps, out};
-  struct part parts[MAX_WORKERS];
-  for (int i = 0; i < workers; i++) parts[i].J = &J, parts[i].index = i;
-  ham_run_parts(run_part, parts, sizeof parts[0], workers);
+  if ((long)B * T * HV * Dv < PARALLEL_MIN) workers = 1;
+  struct job J = {kind, B, T, HV, Dv, v_hat, v, hs, vs, eps, out};
+  ham_run_shares(run_tokens, &J, (long)B * T, workers);
   return 0;
 }
