@@ -56,6 +56,9 @@ OTHER_DTYPES = (
     "qint8", "qint32", "quint8", "quint4x2", "quint2x4", "bits8", "bits16",
 )  # fmt: skip
 MAX_PICKLE_BYTES = 1024**3
+# what reading a member of a corrupt archive raises (NotImplementedError: a zip version or a
+# compression method that zipfile does not read)
+UNREADABLE = (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError)
 # A view of a compressed storage may span this many bytes more than it holds (it is inflated
 # whole); a sparser one is refused.
 SPARSE_SLACK = 1 << 20
@@ -242,7 +245,8 @@ def read_torch_zip(path: str | Path) -> dict[str, Any]:
     try:
         zf = zipfile.ZipFile(path)
         infos = {i.filename: i for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
+        # NotImplementedError: a zip version or compression method zipfile does not read
         raise ConversionError(f"{path}: unreadable zip archive, truncated or corrupt? ({e})") from e
     if any(n.endswith("/constants.pkl") and n.count("/") == 1 for n in infos):
         raise ConversionError(f"{path}: a TorchScript archive, not a checkpoint of weights")
@@ -261,7 +265,7 @@ def read_torch_zip(path: str | Path) -> dict[str, Any]:
         obj = RestrictedUnpickler(data, str(path)).load()
     except ConversionError:
         raise
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as e:
+    except (*UNREADABLE, ValueError) as e:
         raise ConversionError(f"{path}: corrupt or truncated ({e})") from e
     except RecursionError:
         raise ConversionError(f"{path}: the pickle is nested too deeply") from None
@@ -357,7 +361,7 @@ class _StorageReader:
             with self.zf.open(member) as f:
                 f.seek(start)
                 data = f.read(nbytes)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        except UNREADABLE as e:
             raise ConversionError(f"{where}: cannot read storage {member!r} ({e})") from e
         if len(data) != nbytes:
             raise ConversionError(f"{where}: storage {member!r} is truncated")

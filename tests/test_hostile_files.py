@@ -121,6 +121,24 @@ def test_a_deflate_bomb_is_decompressed_only_as_far_as_the_tensor_needs(tmp_path
         read_file(tmp_path / "sparse.bin")
 
 
+@pytest.mark.parametrize("field", ["version", "method"])
+def test_zip_features_zipfile_cannot_read_are_a_conversion_error(tmp_path, field):
+    """A zip "version needed to extract" above 6.3, or an unknown compression method, makes
+    zipfile raise NotImplementedError (when it lists or opens the member)."""
+    path = tmp_path / "odd.bin"
+    fake_torch_save({"w": Tensor(np.arange(4, dtype=np.float32), 0, (4,), (1,))}, path)
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")  # the first member's central directory record
+    if field == "version":
+        raw[central + 6 : central + 8] = (64).to_bytes(2, "little")
+    else:  # the data.pkl member's method, in its central and its local record
+        raw[central + 10 : central + 12] = (99).to_bytes(2, "little")
+        raw[8:10] = (99).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ConversionError, match="odd.bin"):
+        read_file(path)
+
+
 def test_storage_smaller_than_the_tensor_extent_is_refused(tmp_path):
     data, _ = torch_pickle({"x": Tensor(np.zeros(100, np.float32), 0, (4, 4), (4, 1))})
     with zipfile.ZipFile(tmp_path / "short.bin", "w", zipfile.ZIP_DEFLATED) as z:
