@@ -11,20 +11,30 @@ import mlx.nn as nn
 from ham_mlx import kernels
 from ham_mlx.admission import admit
 from ham_mlx.cache import HAMCache
-from ham_mlx.cache.kv_buffer import append_slots, scatter_entries
+from ham_mlx.cache.kv_buffer import Entries, append_slots, scatter_entries
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.common import DecodePlan, check_cache, run_plan
 from ham_mlx.layers.gdn import GatedDeltaNet, gdn_branch, linear, rnn_output
+from ham_mlx.ops import mlx_ext
 from ham_mlx.ops.attention import (
     admitted_attention,
     buffer_attention,
     cached_admitted_attention,
     gated_output,
 )
-from ham_mlx.routers import Router, get_router, head_surprise, key_bias, learned_score, token_score
+from ham_mlx.routers import (
+    EPS,
+    Router,
+    get_router,
+    head_surprise,
+    key_bias,
+    learned_score,
+    token_score,
+)
 
 SLOT_BUCKET = 32
 _SLOTS: dict[int, mx.array] = {}
+_NO_SLOTS = mx.zeros((0,), dtype=mx.int32)
 
 
 def attended_slots(n: int, alloc: int) -> mx.array:
@@ -50,10 +60,12 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
     scalar (the `reject` policy's max_kv_tokens) or None; scratch: int32 scalar, the last slot
     (an input, not a constant: CPU compile bakes constants into the C++ it builds); slots [m]:
     attention reads the first m slots only (its shape, not its values, matters).
-    cfg: (StepConfig, router kind). Returns y [B, 1, D], the new conv, S, entries and count,
-    and score, admitted [B, 1].
+    cfg: (StepConfig, router kind, threads): with threads (an int, not None) the admission, the
+    store, the attention and the gated norm run as the extension's operations (`mlx_ext`), their
+    twins being the functions below. Returns y [B, 1, D], the new conv, S, entries and count, and
+    score, admitted [B, 1].
     """
-    gdn, kind = cfg
+    gdn, kind, threads = cfg
     B, HV = x.shape[0], gdn.HV
     rec, conv, S = gdn_branch(p, x, conv, S, gdn, one_step=True)
     if kind.learned:
@@ -61,6 +73,22 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
     else:
         score = token_score(head_surprise(rec.v_hat, rec.v, kind))  # [B, 1]
     q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
+    if threads is not None:
+        ext = mlx_ext.module()
+        count, admitted, slot = ext.ham_admit(score[:, 0], tau, count, scratch, cap)  # [B] each
+        entries = Entries(
+            ext.write_slot(entries.keys, slot, k), ext.write_slot(entries.values, slot, v),
+            ext.write_slot(entries.positions, slot, positions[:, 0]),
+            ext.write_slot(entries.scores, slot, score[:, 0]),
+        )  # fmt: skip
+        o_kv = ext.ham_attend(
+            q, entries.keys, entries.values, count, p["attn_log_scale"], p["attn_sink"],
+            rec.small[:, 0, 2 * HV :], p["kv_norm"], entries.scores if kind.learned else None,
+            gdn.norm_eps, EPS if kind.learned else None, threads,
+        )  # [B, HV, Dv]  # fmt: skip
+        y = rnn_output(rec, p, gdn) + o_kv[:, None]  # [B, 1, HV, Dv]
+        y = linear(p["o_proj"], y.astype(x.dtype).reshape(B, 1, -1))
+        return y, conv, S, entries, count, score, admitted[:, None]
     admitted = admit(score, tau, None, count, cap)
     slot = append_slots(count, admitted, scratch)  # [B, 1]
     entries = scatter_entries(entries, slot, k[:, :, None], v[:, :, None], positions, score)
@@ -126,6 +154,15 @@ class HAMAttention(GatedDeltaNet):
             p["router"] = self.router.parameters()
         return p
 
+    def ext_threads(self, x: mx.array, entries: Entries) -> int | None:
+        """The threads the extension (`mlx_ext`) attends on, or None where the step keeps MLX's
+        operations (no extension here; a dtype other than float32)."""
+        arrays = [x, entries.keys, entries.values, self.attn_log_scale, self.attn_sink,
+                  self.kv_norm.weight]  # fmt: skip
+        if any(a.dtype != mx.float32 for a in arrays) or not mlx_ext.available():
+            return None
+        return mlx_ext.threads()
+
     def decode_plan(self, x: mx.array, cache: HAMCache | None, scores=None) -> DecodePlan | None:
         """The one-token step for x [B, 1, D] (`decode_step`), or None where the general path must
         run; its finish updates the cache as `store` does and appends the score to `scores`."""
@@ -143,8 +180,9 @@ class HAMAttention(GatedDeltaNet):
         buffer = cache.buffer
         scratch = mx.array(buffer.reserve(k_like, v_like, 1) - 1, dtype=mx.int32)
         conv, S = self.decode_state(x, cache)
-        slots = attended_slots(buffer.bound + 1, buffer.alloc)
-        cfg = (self.step_config(), self.router_kind)
+        cfg = (self.step_config(), self.router_kind, self.ext_threads(x, buffer.entries))
+        # the extension reads each row's count itself: one slots shape, one trace
+        slots = attended_slots(buffer.bound + 1, buffer.alloc) if cfg[2] is None else _NO_SLOTS
         tau = cache.admission.tau(self.threshold)
 
         def finish(outs: list) -> None:

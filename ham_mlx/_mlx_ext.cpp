@@ -1,0 +1,433 @@
+// One MLX operation for the HAM part of a one-token decode step on the CPU (see
+// ham_mlx/ops/mlx_ext.py, which builds this file on first use against the installed MLX).
+//
+// MLX runs the decode step's admission, its four scatters, the attention over the stored
+// entries and the gated norm as about sixty graph nodes, each with a fixed cost of several
+// microseconds on the CPU. `HamDecode` does the same arithmetic as one node: it admits the token,
+// writes it into the buffers in place (where MLX may donate them), attends the row's stored
+// entries on up to `threads` threads, and applies the gated RMSNorm to each head's output.
+// Its twin is the composition of ham_mlx's MLX functions in `decode_step` (tests compare them).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace nb = nanobind;
+namespace mx = mlx::core;
+
+namespace {
+
+// Element i (in row-major order) of an input of any strides. It copies the layout, not the array:
+// the work runs later on MLX's CPU thread, when only the data buffers are sure to be alive.
+template <typename T>
+struct Flat {
+  const T* data = nullptr;
+  int64_t size = 0;
+  bool contiguous = true;
+  std::vector<int64_t> shape, strides;
+  Flat() = default;
+  explicit Flat(const mx::array& x)
+      : data(x.data<T>()),
+        size(static_cast<int64_t>(x.size())),
+        contiguous(x.flags().row_contiguous),
+        shape(x.shape().begin(), x.shape().end()),
+        strides(x.strides().begin(), x.strides().end()) {}
+  T operator[](int64_t i) const {
+    if (size == 1) return data[0];
+    if (contiguous) return data[i];
+    int64_t off = 0;
+    for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+      off += (i % shape[d]) * strides[d];
+      i /= shape[d];
+    }
+    return data[off];
+  }
+};
+
+void allocate(mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+}
+
+// Runs `work` on MLX's CPU stream after the primitive's inputs are ready.
+template <typename F>
+void dispatch(mx::Primitive& prim, const std::vector<mx::array>& in, std::vector<mx::array>& out,
+              F&& work) {
+  auto& encoder = mx::cpu::get_command_encoder(prim.stream());
+  for (auto& a : in) encoder.set_input_array(a);
+  for (auto& a : out) encoder.set_output_array(a);
+  encoder.dispatch(std::forward<F>(work));
+}
+
+float dot(const float* a, const float* b, int n) {
+  constexpr int W = 16;  // independent partial sums the compiler keeps in vector registers
+  float acc[W] = {0};
+  int i = 0;
+  for (; i + W <= n; i += W) {
+    for (int w = 0; w < W; ++w) acc[w] += a[i + w] * b[i + w];
+  }
+  float s = 0.0f;
+  for (int w = 0; w < W; ++w) s += acc[w];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// ---- admission: which slot the token goes to ---------------------------------------------------
+// inputs score [B] f32, tau (1 or B) f32, count [B] i32, scratch (1) i32[, cap (1) i32]
+// outputs count' [B] i32, admitted [B] bool, slot [B] i32: a token is stored iff score >= tau, and
+// with a cap only while the row keeps within it; a token not stored goes to the scratch slot.
+class HamAdmit : public mx::Primitive {
+ public:
+  HamAdmit(mx::Stream s, bool has_cap) : mx::Primitive(s), has_cap_(has_cap) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    for (auto& o : out) allocate(o);
+    Flat<float> score(in[0]), tau(in[1]);
+    Flat<int32_t> count(in[2]), scratch(in[3]), cap;
+    if (has_cap_) cap = Flat<int32_t>(in[4]);
+    int B = static_cast<int>(out[0].size());
+    int32_t* new_count = out[0].data<int32_t>();
+    bool* admitted = out[1].data<bool>();
+    int32_t* slot = out[2].data<int32_t>();
+    dispatch(*this, in, out, [=, has_cap = has_cap_]() {
+      for (int b = 0; b < B; ++b) {
+        int32_t c = count[b];
+        bool take = score[b] >= tau[b] && (!has_cap || c + 1 <= cap[0]);
+        admitted[b] = take;
+        slot[b] = take ? c : scratch[0];
+        new_count[b] = c + (take ? 1 : 0);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("HamAdmit runs on the CPU only");
+  }
+  const char* name() const override {
+    return "HamAdmit";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return has_cap_ == static_cast<const HamAdmit&>(other).has_cap_;
+  }
+
+ private:
+  bool has_cap_;
+};
+
+// ---- one row written at each batch row's slot, in place where MLX lets the buffer go ----------
+// inputs buffer [B, N, n, D] or [B, n], slot [B] i32, row [B, N, D] or [B] (the buffer's dtype);
+// output the buffer with buffer[b, :, slot[b]] = row[b]. A slot outside [0, n) writes nothing.
+class WriteSlot : public mx::UnaryPrimitive {
+ public:
+  explicit WriteSlot(mx::Stream s) : mx::UnaryPrimitive(s) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    const mx::array& buffer = in[0];
+    size_t item = buffer.itemsize();
+    bool shared = buffer.is_donatable() && buffer.flags().row_contiguous;
+    if (shared) {
+      out.copy_shared_buffer(buffer);
+    } else {
+      allocate(out);
+    }
+    const uint8_t* from = shared ? nullptr : buffer.data<uint8_t>();
+    bool from_contiguous = buffer.flags().row_contiguous;
+    std::vector<int64_t> shape(buffer.shape().begin(), buffer.shape().end());
+    std::vector<int64_t> strides(buffer.strides().begin(), buffer.strides().end());
+    Flat<int32_t> slot(in[1]);
+    const uint8_t* row = in[2].data<uint8_t>();
+    std::vector<int64_t> row_shape(in[2].shape().begin(), in[2].shape().end());
+    std::vector<int64_t> row_strides(in[2].strides().begin(), in[2].strides().end());
+    uint8_t* dst = out.data<uint8_t>();
+    std::vector<mx::array> outs = {out};
+    dispatch(*this, in, outs, [=]() {
+      int64_t total = 1;
+      for (auto d : shape) total *= d;
+      if (!shared) {  // copy the old entries first (any strides)
+        if (from_contiguous) {
+          std::memcpy(dst, from, total * item);
+        } else {
+          for (int64_t i = 0; i < total; ++i) {
+            int64_t off = 0, rest = i;
+            for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
+              off += (rest % shape[d]) * strides[d];
+              rest /= shape[d];
+            }
+            std::memcpy(dst + i * item, from + off * item, item);
+          }
+        }
+      }
+      int64_t B = shape[0], n = shape.size() == 4 ? shape[2] : shape[1];
+      int64_t N = shape.size() == 4 ? shape[1] : 1, D = shape.size() == 4 ? shape[3] : 1;
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t s = slot[b];
+        if (s < 0 || s >= n) continue;
+        for (int64_t h = 0; h < N; ++h) {
+          for (int64_t d = 0; d < D; ++d) {
+            int64_t r = shape.size() == 4
+                ? b * row_strides[0] + h * row_strides[1] + d * row_strides[2]
+                : b * row_strides[0];
+            std::memcpy(dst + (((b * N + h) * n + s) * D + d) * item, row + r * item, item);
+          }
+        }
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("WriteSlot runs on the CPU only");
+  }
+  const char* name() const override {
+    return "WriteSlot";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+// ---- attention of one query per row over its stored entries, then the gated norm --------------
+// inputs q [B, H, Dk], keys [B, H, n, Dk], values [B, HV, n, Dv], count [B] i32, log_scale [HV],
+// sink [HV], gate [B, HV], norm_weight [Dv][, scores [B, n] for the learned router's key bias]
+// output [B, HV, Dv] f32: sigmoid(gate) * RMSNorm(softmax-with-sink(K q * scale + bias) V) * w
+struct Attend {
+  Flat<float> q, log_scale, sink, gate, weight;
+  Flat<int32_t> count;
+  const float *K = nullptr, *V = nullptr, *S = nullptr;  // row-contiguous
+  Flat<float> keys_from, values_from, scores_from;  // set where an input is not row-contiguous
+  std::shared_ptr<std::vector<float>> copies;
+  float* O = nullptr;
+  int B = 0, H = 0, n_alloc = 0, Dk = 0, HV = 0, Dv = 0;
+  float norm_eps = 0, bias_eps = 0;
+  int threads = 1;
+
+  // One (row, key head): blocks of entries, each read once for the logits and then for the values
+  // of every value head of the group (an online softmax: both streams are in flight together).
+  void item(int it) const {
+    constexpr int BLOCK = 64;
+    int b = it / H, h = it % H, group = HV / H;
+    int n = std::min<int>(std::max<int>(count[b], 0), n_alloc);
+    std::vector<float> qv(Dk), logits(BLOCK), o(size_t(group) * Dv, 0.0f), m(group), denom(group);
+    for (int d = 0; d < Dk; ++d) qv[d] = q[(int64_t(b) * H + h) * Dk + d];
+    for (int g = 0; g < group; ++g) {
+      m[g] = sink[h * group + g];  // the sink's logit, whose value is 0
+      denom[g] = 1.0f;
+    }
+    const float* Kh = K + (int64_t(b) * H + h) * n_alloc * Dk;
+    for (int j0 = 0; j0 < n; j0 += BLOCK) {
+      int jn = std::min(BLOCK, n - j0);
+      for (int j = 0; j < jn; ++j) logits[j] = dot(Kh + int64_t(j0 + j) * Dk, qv.data(), Dk);
+      for (int g = 0; g < group; ++g) {
+        int hv = h * group + g;
+        float scale = std::exp(log_scale[hv]), top = m[g];
+        float l[BLOCK];
+        for (int j = 0; j < jn; ++j) {
+          l[j] = logits[j] * scale;
+          if (S) l[j] += std::log(std::max(S[int64_t(b) * n_alloc + j0 + j], bias_eps));
+          top = std::max(top, l[j]);
+        }
+        float* og = o.data() + size_t(g) * Dv;
+        if (top > m[g]) {
+          float r = std::exp(m[g] - top);
+          denom[g] *= r;
+          for (int d = 0; d < Dv; ++d) og[d] *= r;
+          m[g] = top;
+        }
+        const float* Vb = V + ((int64_t(b) * HV + hv) * n_alloc + j0) * Dv;
+        for (int j = 0; j < jn; ++j) {
+          float w = std::exp(l[j] - m[g]);
+          denom[g] += w;
+          const float* row = Vb + int64_t(j) * Dv;
+          for (int d = 0; d < Dv; ++d) og[d] += w * row[d];
+        }
+      }
+    }
+    for (int g = 0; g < group; ++g) {
+      int hv = h * group + g;
+      float* og = o.data() + size_t(g) * Dv;
+      float ss = 0.0f;
+      for (int d = 0; d < Dv; ++d) {
+        og[d] /= denom[g];
+        ss += og[d] * og[d];
+      }
+      float r = 1.0f / std::sqrt(ss / Dv + norm_eps);
+      float sg = 1.0f / (1.0f + std::exp(-gate[int64_t(b) * HV + hv]));
+      float* dst = O + (int64_t(b) * HV + hv) * Dv;
+      for (int d = 0; d < Dv; ++d) dst[d] = sg * (og[d] * r * weight[d]);
+    }
+  }
+
+  // row-contiguous copies of the inputs that are not (never the cache's own buffers)
+  void gather() {
+    copies = std::make_shared<std::vector<float>>(keys_from.size + values_from.size +
+                                                  scores_from.size);
+    float* at = copies->data();
+    for (auto [from, to] : {std::pair{&keys_from, &K}, {&values_from, &V}, {&scores_from, &S}}) {
+      if (!from->data) continue;
+      for (int64_t i = 0; i < from->size; ++i) at[i] = (*from)[i];
+      *to = at;
+      at += from->size;
+    }
+  }
+
+  void run() const {
+    int items = B * H;
+    int64_t bytes = 0;
+    for (int b = 0; b < B; ++b) bytes += int64_t(std::max(count[b], 0)) * (H * Dk + HV * Dv) * 4;
+    // below about 2 MB of entries a second thread costs more to start than it saves
+    int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (2 << 20)}));
+    parts = std::max(parts, 1);
+    std::vector<std::thread> pool;
+    for (int t = 1; t < parts; ++t) {
+      pool.emplace_back([this, t, items, parts] {
+        for (int it = t; it < items; it += parts) item(it);
+      });
+    }
+    for (int it = 0; it < items; it += parts) item(it);
+    for (auto& th : pool) th.join();
+  }
+};
+
+class HamAttend : public mx::UnaryPrimitive {
+ public:
+  HamAttend(mx::Stream s, float norm_eps, std::optional<float> bias_eps, int threads)
+      : mx::UnaryPrimitive(s), norm_eps_(norm_eps), bias_eps_(bias_eps), threads_(threads) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    allocate(out);
+    Attend job;
+    job.q = Flat<float>(in[0]);
+    job.K = in[1].data<float>();
+    job.V = in[2].data<float>();
+    if (!in[1].flags().row_contiguous) job.keys_from = Flat<float>(in[1]);
+    if (!in[2].flags().row_contiguous) job.values_from = Flat<float>(in[2]);
+    job.count = Flat<int32_t>(in[3]);
+    job.log_scale = Flat<float>(in[4]);
+    job.sink = Flat<float>(in[5]);
+    job.gate = Flat<float>(in[6]);
+    job.weight = Flat<float>(in[7]);
+    if (bias_eps_) {
+      job.S = in[8].data<float>();
+      if (!in[8].flags().row_contiguous) job.scores_from = Flat<float>(in[8]);
+    }
+    job.O = out.data<float>();
+    job.B = in[1].shape(0);
+    job.H = in[1].shape(1);
+    job.n_alloc = in[1].shape(2);
+    job.Dk = in[1].shape(3);
+    job.HV = in[2].shape(1);
+    job.Dv = in[2].shape(3);
+    job.norm_eps = norm_eps_;
+    job.bias_eps = bias_eps_.value_or(0.0f);
+    job.threads = threads_;
+    std::vector<mx::array> outs = {out};
+    dispatch(*this, in, outs, [job = std::move(job)]() mutable {
+      if (job.keys_from.data || job.values_from.data || job.scores_from.data) job.gather();
+      job.run();
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("HamAttend runs on the CPU only");
+  }
+  const char* name() const override {
+    return "HamAttend";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const HamAttend&>(other);
+    return norm_eps_ == o.norm_eps_ && bias_eps_ == o.bias_eps_ && threads_ == o.threads_;
+  }
+
+ private:
+  float norm_eps_;
+  std::optional<float> bias_eps_;
+  int threads_;
+};
+
+// ---- the Python-facing operations: shapes and dtypes are checked here, when the graph is built --
+mx::Stream cpu_stream() {
+  return mx::default_stream(mx::Device::cpu);
+}
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("ham_mlx extension: " + what);
+}
+
+std::vector<mx::array> ham_admit(const mx::array& score, const mx::array& tau,
+                                 const mx::array& count, const mx::array& scratch,
+                                 std::optional<mx::array> cap) {
+  int B = static_cast<int>(count.size());
+  expect(score.size() == size_t(B) && (tau.size() == 1 || tau.size() == size_t(B)) &&
+             scratch.size() == 1 && (!cap || cap->size() == 1),
+         "ham_admit: score [B], tau (1 or B), scratch (1) and cap (1) for count [B]");
+  expect(score.dtype() == mx::float32 && tau.dtype() == mx::float32, "ham_admit: float32 scores");
+  expect(count.dtype() == mx::int32 && scratch.dtype() == mx::int32 &&
+             (!cap || cap->dtype() == mx::int32),
+         "ham_admit: int32 count, scratch and cap");
+  std::vector<mx::array> inputs = {score, tau, count, scratch};
+  if (cap) inputs.push_back(*cap);
+  return mx::array::make_arrays({{B}, {B}, {B}}, {mx::int32, mx::bool_, mx::int32},
+                                std::make_shared<HamAdmit>(cpu_stream(), cap.has_value()), inputs);
+}
+
+mx::array write_slot(const mx::array& buffer, const mx::array& slot, const mx::array& row) {
+  expect(buffer.ndim() == 4 || buffer.ndim() == 2, "write_slot: buffer [B, N, n, D] or [B, n]");
+  int B = buffer.shape(0);
+  mx::Shape want = buffer.ndim() == 4 ? mx::Shape{B, buffer.shape(1), buffer.shape(3)}
+                                      : mx::Shape{B};
+  expect(row.shape() == want, "write_slot: row must be [B, N, D] or [B]");
+  expect(row.dtype() == buffer.dtype(), "write_slot: row and buffer dtypes differ");
+  expect(slot.size() == size_t(B) && slot.dtype() == mx::int32, "write_slot: slot [B] int32");
+  return mx::array(buffer.shape(), buffer.dtype(), std::make_shared<WriteSlot>(cpu_stream()),
+                   {buffer, slot, row});
+}
+
+mx::array ham_attend(const mx::array& q, const mx::array& keys, const mx::array& values,
+                     const mx::array& count, const mx::array& log_scale, const mx::array& sink,
+                     const mx::array& gate, const mx::array& norm_weight,
+                     std::optional<mx::array> scores, float norm_eps,
+                     std::optional<float> bias_eps, int threads) {
+  expect(keys.ndim() == 4 && values.ndim() == 4, "ham_attend: keys and values must be 4-D");
+  int B = keys.shape(0), H = keys.shape(1), n = keys.shape(2), Dk = keys.shape(3);
+  int HV = values.shape(1), Dv = values.shape(3);
+  expect(H > 0 && HV % H == 0 && values.shape(0) == B && values.shape(2) == n,
+         "ham_attend: values [B, HV, n, Dv] with HV a multiple of H");
+  expect(q.shape() == mx::Shape{B, H, Dk}, "ham_attend: q must be [B, H, Dk]");
+  expect(gate.shape() == mx::Shape{B, HV}, "ham_attend: gate must be [B, HV]");
+  expect(log_scale.shape() == mx::Shape{HV} && sink.shape() == mx::Shape{HV},
+         "ham_attend: log_scale and sink must be [HV]");
+  expect(norm_weight.shape() == mx::Shape{Dv}, "ham_attend: norm_weight must be [Dv]");
+  expect(count.size() == size_t(B) && count.dtype() == mx::int32, "ham_attend: count [B] int32");
+  expect(scores.has_value() == bias_eps.has_value(), "ham_attend: scores and bias_eps together");
+  expect(!scores || scores->shape() == mx::Shape{B, n}, "ham_attend: scores must be [B, n]");
+  for (const mx::array* a : {&q, &keys, &values, &log_scale, &sink, &gate, &norm_weight}) {
+    expect(a->dtype() == mx::float32, "ham_attend: float32 inputs only");
+  }
+  expect(!scores || scores->dtype() == mx::float32, "ham_attend: float32 scores");
+  std::vector<mx::array> inputs = {q, keys, values, count, log_scale, sink, gate, norm_weight};
+  if (scores) inputs.push_back(*scores);
+  return mx::array({B, HV, Dv}, mx::float32,
+                   std::make_shared<HamAttend>(cpu_stream(), norm_eps, bias_eps,
+                                               std::max(1, threads)),
+                   inputs);
+}
+
+}  // namespace
+
+NB_MODULE(_mlx_ext, m) {
+  nb::module_::import_("mlx.core");
+  m.def("ham_admit", &ham_admit, nb::arg("score"), nb::arg("tau"), nb::arg("count"),
+        nb::arg("scratch"), nb::arg("cap").none());
+  m.def("write_slot", &write_slot, nb::arg("buffer"), nb::arg("slot"), nb::arg("row"));
+  m.def("ham_attend", &ham_attend, nb::arg("q"), nb::arg("keys"), nb::arg("values"),
+        nb::arg("count"), nb::arg("log_scale"), nb::arg("sink"), nb::arg("gate"),
+        nb::arg("norm_weight"), nb::arg("scores").none(), nb::arg("norm_eps"),
+        nb::arg("bias_eps").none(), nb::arg("threads"));
+}

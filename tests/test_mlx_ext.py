@@ -1,0 +1,228 @@
+"""The MLX extension's decode operations (ham_mlx/_mlx_ext.cpp) against their MLX twins."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import LAYER_CONFIGS, make_model
+
+from ham_mlx import kv_stats
+from ham_mlx.admission import admit
+from ham_mlx.cache.kv_buffer import append_slots
+from ham_mlx.layers import common
+from ham_mlx.ops import mlx_ext
+from ham_mlx.ops.attention import buffer_attention, gated_output
+from ham_mlx.routers import EPS, key_bias
+
+linux = sys.platform.startswith("linux")
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not linux:
+        pytest.skip("the extension is built on Linux only")
+    assert mlx_ext.available(), f"the extension did not build or load: {mlx_ext.why_not()}"
+    return mlx_ext.module()
+
+
+def arr(x, dtype=mx.float32):
+    return mx.array(np.asarray(x), dtype=dtype)
+
+
+@pytest.mark.parametrize("per_row_tau", [False, True])
+@pytest.mark.parametrize("cap", [None, 3])
+def test_admit_matches_admit_and_append_slots(ext, per_row_tau, cap):
+    rng = np.random.default_rng(0)
+    B, scratch = 6, 9
+    score = arr(rng.uniform(size=B))
+    score[1] = mx.nan  # a NaN score is never stored
+    tau = arr(rng.uniform(size=(B, 1))) if per_row_tau else arr(0.5)
+    count = arr([0, 1, 2, 3, 4, 3], mx.int32)
+    cap_a = None if cap is None else arr(cap, mx.int32)
+    want = admit(score[:, None], tau, None, count, cap_a)  # [B, 1]
+    want_slot = append_slots(count, want, arr(scratch, mx.int32))
+    new_count, admitted, slot = ext.ham_admit(score, tau, count, arr([scratch], mx.int32), cap_a)
+    np.testing.assert_array_equal(np.array(admitted), np.array(want[:, 0]))
+    np.testing.assert_array_equal(np.array(slot), np.array(want_slot[:, 0]))
+    np.testing.assert_array_equal(np.array(new_count), np.array(count) + np.array(want[:, 0]))
+
+
+@pytest.mark.parametrize("layout", ["4d", "2d-int", "4d-transposed"])
+def test_write_slot_matches_put_along_axis_and_leaves_a_held_buffer_alone(ext, layout):
+    rng = np.random.default_rng(1)
+    B, N, n, D = 3, 2, 5, 4
+    if layout == "2d-int":
+        buffer, row = arr(rng.integers(0, 99, (B, n)), mx.int32), arr([7, 8, 9], mx.int32)
+    else:
+        buffer, row = arr(rng.normal(size=(B, N, n, D))), arr(rng.normal(size=(B, N, D)))
+        if layout == "4d-transposed":  # a strided view: copied, not written in place
+            buffer = arr(rng.normal(size=(B, N, D, n))).swapaxes(2, 3)
+    slot = arr([4, 0, 7], mx.int32)  # the last one is outside the buffer: nothing is written
+    before = np.array(buffer)
+    got = np.array(ext.write_slot(buffer, slot, row))
+    want = before.copy()
+    for b in range(2):
+        if buffer.ndim == 4:
+            want[b, :, int(slot[b])] = np.array(row[b])
+        else:
+            want[b, int(slot[b])] = np.array(row[b])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.array(buffer), before)  # the caller's array is unchanged
+
+
+def test_write_slot_writes_in_place_when_the_buffer_is_not_held(ext):
+    buffer = mx.zeros((1, 2, 8, 4))
+    mx.eval(buffer)
+    address = np.asarray(buffer).ctypes.data  # a transient view: numpy lets go of it below
+    out = ext.write_slot(buffer, arr([3], mx.int32), mx.ones((1, 2, 4)))
+    del buffer
+    mx.eval(out)
+    assert np.asarray(out).ctypes.data == address
+    assert float(out[0, :, 3].sum()) == 8.0 and float(out.sum()) == 8.0
+
+
+def attention_twin(q, keys, values, count, log_scale, sink, gate, weight, scores):
+    bias = None if scores is None else key_bias(scores)
+    o = buffer_attention(q, keys, values, count, log_scale, sink, bias)  # [B, HV, Dv]
+    return gated_output(o[:, :, None], gate[:, None], weight, 1e-6)[:, 0]
+
+
+@pytest.mark.parametrize("hv", [2, 4], ids=["mha", "gva"])
+@pytest.mark.parametrize("learned", [False, True], ids=["cosine", "learned"])
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_attend_matches_buffer_attention_and_gated_output(ext, hv, learned, threads):
+    rng = np.random.default_rng(2)
+    B, H, n, Dk, Dv = 4, 2, 200, 16, 8
+    q = arr(rng.normal(size=(B, H, Dk)))
+    keys = arr(rng.normal(size=(B, H, n, Dk)))
+    values = arr(rng.normal(size=(B, hv, n, Dv)))
+    count = arr([0, 5, 131, n], mx.int32)  # empty, short, past one block of 64, full
+    log_scale, sink = arr(rng.normal(size=hv)), arr(rng.normal(size=hv))
+    gate, weight = arr(rng.normal(size=(B, hv))), arr(rng.uniform(0.5, 1.5, size=Dv))
+    scores = arr(rng.uniform(size=(B, n))) if learned else None
+    args = (q, keys, values, count, log_scale, sink, gate, weight, scores)
+    want = attention_twin(*args)
+    got = ext.ham_attend(*args, 1e-6, EPS if learned else None, threads)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-5)
+    assert not np.any(np.array(got)[0])  # a row with no entries attends nothing
+
+
+def test_attend_keeps_large_logits_finite(ext):
+    """Logits in the thousands, growing along the entries (each block raises the maximum)."""
+    rng = np.random.default_rng(5)
+    B, H, n, Dk, Dv = 1, 1, 300, 8, 4
+    q = arr(np.ones((B, H, Dk)))
+    keys = arr(np.linspace(0, 1, n)[None, None, :, None] * np.ones((B, H, n, Dk)))
+    values = arr(rng.normal(size=(B, H, n, Dv)))
+    args = (q, keys, values, arr([n], mx.int32), arr([6.0]), arr([0.0]), arr([[0.3]]),
+            arr(np.ones(Dv)), None)  # fmt: skip
+    got = np.array(ext.ham_attend(*args, 1e-6, None, 1))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, np.array(attention_twin(*args)), atol=2e-5, rtol=1e-5)
+
+
+def test_attend_on_several_threads_gives_the_same_bits(ext):
+    """Entries past the size where a second thread starts (2 MB), and strided inputs."""
+    rng = np.random.default_rng(3)
+    B, H, n, Dk, Dv = 1, 4, 1500, 64, 128
+    q = arr(rng.normal(size=(B, Dk, H))).swapaxes(1, 2)
+    keys = arr(rng.normal(size=(B, H, n, Dk)))
+    values = arr(rng.normal(size=(B, H, Dv, n))).swapaxes(2, 3)  # copied before reading
+    count = arr([n - 7], mx.int32)
+    small = (arr(rng.normal(size=H)), arr(rng.normal(size=H)), arr(rng.normal(size=(B, H))),
+             arr(rng.uniform(size=Dv)))  # fmt: skip
+    outs = [np.array(ext.ham_attend(q, keys, values, count, *small, None, 1e-6, None, t))
+            for t in (1, 2, 3)]  # fmt: skip
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    want = attention_twin(q, keys, values, count, *small, None)
+    np.testing.assert_allclose(outs[0], np.array(want), atol=2e-5, rtol=1e-5)
+
+
+def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
+    i = mx.zeros((2,), dtype=mx.int32)
+    with pytest.raises(ValueError, match="write_slot: row"):
+        ext.write_slot(mx.zeros((2, 3, 4, 5)), i, mx.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        ext.write_slot(mx.zeros((2, 4)), i, i)
+    with pytest.raises(ValueError, match="ham_admit"):
+        ext.ham_admit(mx.zeros((3,)), mx.zeros((1,)), i, mx.zeros((1,), dtype=mx.int32), None)
+    f = mx.zeros((2,))
+    with pytest.raises(ValueError, match="q must be"):
+        ext.ham_attend(mx.zeros((2, 2, 3)), mx.zeros((2, 2, 5, 4)), mx.zeros((2, 2, 5, 4)), i, f,
+                       f, mx.zeros((2, 2)), mx.zeros((4,)), None, 1e-6, None, 1)  # fmt: skip
+
+
+def decode_logits(model, ids, prompt, **cache_kw):
+    cache = model.make_cache(**cache_kw)
+    out = [model(ids[:, :prompt], cache)[:, -1:]]
+    out += [model(ids[:, t : t + 1], cache) for t in range(prompt, ids.shape[1])]
+    mx.eval(out)
+    return np.array(mx.concatenate(out, axis=1)), [s["admitted"] for s in kv_stats(cache)]
+
+
+@pytest.mark.parametrize(
+    "name,controls",
+    [(n, {}) for n in LAYER_CONFIGS if n.startswith("ham") and "conv1" not in n]  # Kc = 1: general
+    + [
+        ("ham-cosine", {"max_kv_tokens": 5, "kv_policy": "reject"}),
+        ("ham-cosine", {"kv_budget": 0.3}),
+    ],  # fmt: skip
+)
+def test_decode_with_the_extension_matches_decode_without(ext, monkeypatch, name, controls):
+    layer_types, kw = LAYER_CONFIGS[name]
+    model = make_model(layer_types + ("gdn",) + layer_types, **kw)
+    ids = mx.array(np.random.default_rng(4).integers(0, 61, (2, 24)))
+    calls = []
+    attend = ext.ham_attend
+
+    class Spy:  # counts the traces that use the extension
+        def __getattr__(self, key):
+            if key == "ham_attend":
+                calls.append(1)
+            return getattr(ext, key) if key != "ham_attend" else attend
+
+    monkeypatch.setattr(mlx_ext, "module", lambda: Spy())
+    results = []
+    for off in ("1", "0"):
+        monkeypatch.setenv("HAM_MLX_NO_MLX_EXT", off)
+        monkeypatch.setattr(common, "_COMPILED", {})
+        results.append(decode_logits(model, ids, 6, **controls))
+    assert calls, "the decode steps did not use the extension"
+    (want, want_counts), (got, got_counts) = results
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert got_counts == want_counts
+
+
+def test_without_a_compiler_the_decode_keeps_mlx_operations(tmp_path):
+    """A build that fails leaves `available()` false with the reason, and decoding works."""
+    script = textwrap.dedent(
+        """
+        import mlx.core as mx
+        import ham_mlx
+        from ham_mlx.ops import mlx_ext
+        from ham_mlx import Model
+        from ham_mlx.config import ModelArgs
+        print(mlx_ext.available())
+        print(mlx_ext.why_not())
+        args = ModelArgs(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_heads=2,
+                         head_dim=8, layer_types=["ham"], ham_threshold=0.0)
+        model = Model(args)
+        cache = model.make_cache()
+        out = [model(mx.array([[1, 2, 3]]), cache)] + [model(mx.array([[4]]), cache)]
+        mx.eval(out)
+        print("decoded")
+        """
+    )
+    env = {**os.environ, "CXX": "/bin/false", "HAM_MLX_EXT_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "False"
+    assert "compiler failed" in lines[1] if linux else lines[1] != "None"
+    assert lines[-1] == "decoded"
