@@ -10,6 +10,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
@@ -192,6 +193,56 @@ class WriteSlot : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive&) const override {
     return true;
   }
+};
+
+// ---- the token's score from its value heads' surprise --------------------------------------------
+// inputs v_hat [B, HV, Dv], v [B, HV, Dv] (f32, any strides); output [B] f32: the min over the
+// heads of the cosine surprise 1 - <v_hat, v> / sqrt((|v_hat|^2 + eps)(|v|^2 + eps)), or of the l2
+// surprise |v - v_hat|^2 / (|v|^2 + eps)
+class HeadScore : public mx::UnaryPrimitive {
+ public:
+  HeadScore(mx::Stream s, bool cosine, float eps)
+      : mx::UnaryPrimitive(s), cosine_(cosine), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    allocate(out);
+    Flat<float> v_hat(in[0]), v(in[1]);
+    int B = in[1].shape(0), HV = in[1].shape(1), Dv = in[1].shape(2);
+    float* score = out.data<float>();
+    std::vector<mx::array> outs = {out};
+    dispatch(*this, in, outs, [=, cosine = cosine_, eps = eps_]() {
+      for (int b = 0; b < B; ++b) {
+        float best = INFINITY;
+        for (int h = 0; h < HV; ++h) {
+          int64_t at = (int64_t(b) * HV + h) * Dv;
+          float hv = 0, vv = 0, cross = 0;
+          for (int d = 0; d < Dv; ++d) {
+            float a = v_hat[at + d], x = v[at + d];
+            hv += a * a;
+            vv += x * x;
+            cross += cosine ? a * x : (x - a) * (x - a);
+          }
+          float e = cosine ? 1.0f - cross / std::sqrt((hv + eps) * (vv + eps)) : cross / (vv + eps);
+          best = (e < best || std::isnan(e)) && !std::isnan(best) ? e : best;  // NaN wins, as in MLX
+        }
+        score[b] = best;
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("HeadScore runs on the CPU only");
+  }
+  const char* name() const override {
+    return "HeadScore";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const HeadScore&>(other);
+    return cosine_ == o.cosine_ && eps_ == o.eps_;
+  }
+
+ private:
+  bool cosine_;
+  float eps_;
 };
 
 // ---- attention of one query per row over its stored entries, then the gated norm --------------
@@ -389,6 +440,15 @@ mx::array write_slot(const mx::array& buffer, const mx::array& slot, const mx::a
                    {buffer, slot, row});
 }
 
+mx::array head_score(const mx::array& v_hat, const mx::array& v, const std::string& kind,
+                     float eps) {
+  expect(kind == "cosine" || kind == "l2", "head_score: kind must be 'cosine' or 'l2'");
+  expect(v.ndim() == 3 && v_hat.shape() == v.shape(), "head_score: v_hat and v [B, HV, Dv]");
+  expect(v.dtype() == mx::float32 && v_hat.dtype() == mx::float32, "head_score: float32 only");
+  return mx::array({v.shape(0)}, mx::float32,
+                   std::make_shared<HeadScore>(cpu_stream(), kind == "cosine", eps), {v_hat, v});
+}
+
 mx::array ham_attend(const mx::array& q, const mx::array& keys, const mx::array& values,
                      const mx::array& count, const mx::array& log_scale, const mx::array& sink,
                      const mx::array& gate, const mx::array& norm_weight,
@@ -425,6 +485,8 @@ NB_MODULE(_mlx_ext, m) {
   nb::module_::import_("mlx.core");
   m.def("ham_admit", &ham_admit, nb::arg("score"), nb::arg("tau"), nb::arg("count"),
         nb::arg("scratch"), nb::arg("cap").none());
+  m.def("head_score", &head_score, nb::arg("v_hat"), nb::arg("v"), nb::arg("kind"),
+        nb::arg("eps"));
   m.def("write_slot", &write_slot, nb::arg("buffer"), nb::arg("slot"), nb::arg("row"));
   m.def("ham_attend", &ham_attend, nb::arg("q"), nb::arg("keys"), nb::arg("values"),
         nb::arg("count"), nb::arg("log_scale"), nb::arg("sink"), nb::arg("gate"),

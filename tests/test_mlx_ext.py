@@ -16,7 +16,7 @@ from ham_mlx.cache.kv_buffer import append_slots
 from ham_mlx.layers import common
 from ham_mlx.ops import mlx_ext
 from ham_mlx.ops.attention import buffer_attention, gated_output
-from ham_mlx.routers import EPS, key_bias
+from ham_mlx.routers import EPS, head_surprise, key_bias, token_score
 
 linux = sys.platform.startswith("linux")
 
@@ -49,6 +49,22 @@ def test_admit_matches_admit_and_append_slots(ext, per_row_tau, cap):
     np.testing.assert_array_equal(np.array(admitted), np.array(want[:, 0]))
     np.testing.assert_array_equal(np.array(slot), np.array(want_slot[:, 0]))
     np.testing.assert_array_equal(np.array(new_count), np.array(count) + np.array(want[:, 0]))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "l2"])
+def test_head_score_matches_head_surprise_and_token_score(ext, kind):
+    rng = np.random.default_rng(6)
+    B, HV, Dv = 5, 3, 40
+    v_hat = arr(rng.normal(size=(B, HV, Dv)))
+    v = arr(rng.normal(size=(B, Dv, HV))).swapaxes(1, 2)  # strided, as the step's slice of v
+    v_hat[1, 2] = 0.0  # a zero prediction
+    v_hat[2, 0, 3] = mx.nan  # a NaN surprise makes the score NaN, as MLX's min does
+    want = token_score(head_surprise(v_hat, v, kind))
+    got = ext.head_score(v_hat, v, kind, EPS)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6, rtol=1e-5)
+    assert np.isnan(np.array(got)[2])
+    with pytest.raises(ValueError, match="kind"):
+        ext.head_score(v_hat, v, "learned", EPS)
 
 
 @pytest.mark.parametrize("layout", ["4d", "2d-int", "4d-transposed"])

@@ -60,35 +60,30 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
     scalar (the `reject` policy's max_kv_tokens) or None; scratch: int32 scalar, the last slot
     (an input, not a constant: CPU compile bakes constants into the C++ it builds); slots [m]:
     attention reads the first m slots only (its shape, not its values, matters).
-    cfg: (StepConfig, router kind, threads): with threads (an int, not None) the admission, the
-    store, the attention and the gated norm run as the extension's operations (`mlx_ext`), their
-    twins being the functions below. Returns y [B, 1, D], the new conv, S, entries and count, and
-    score, admitted [B, 1].
+    cfg: (StepConfig, router kind, threads): with threads (an int, not None) the cache's part runs
+    as the extension's operations (`extension_part`). Returns y [B, 1, D], the new conv, S,
+    entries and count, and score, admitted [B, 1].
     """
     gdn, kind, threads = cfg
-    B, HV = x.shape[0], gdn.HV
     rec, conv, S = gdn_branch(p, x, conv, S, gdn, one_step=True)
+    state = (entries, count, positions, tau, cap, scratch)
+    if threads is None:
+        kv, entries, count, score, admitted = mlx_part(p, x, rec, *state, slots, gdn, kind)
+    else:
+        kv, entries, count, score, admitted = extension_part(p, x, rec, *state, gdn, kind, threads)
+    y = rnn_output(rec, p, gdn) + kv  # [B, 1, HV, Dv]
+    y = linear(p["o_proj"], y.astype(x.dtype).reshape(x.shape[0], 1, -1))
+    return y, conv, S, entries, count, score, admitted
+
+
+def mlx_part(p, x, rec, entries, count, positions, tau, cap, scratch, slots, gdn, kind):
+    """The step's cache part in MLX operations: score, admit, store, attend, gated norm. Returns
+    the attention term [B, 1, HV, Dv], the new entries and count, and score, admitted [B, 1]."""
+    q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
     if kind.learned:
         score = learned_score(p["router"], x)  # [B, 1]
     else:
         score = token_score(head_surprise(rec.v_hat, rec.v, kind))  # [B, 1]
-    q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
-    if threads is not None:
-        ext = mlx_ext.module()
-        count, admitted, slot = ext.ham_admit(score[:, 0], tau, count, scratch, cap)  # [B] each
-        entries = Entries(
-            ext.write_slot(entries.keys, slot, k), ext.write_slot(entries.values, slot, v),
-            ext.write_slot(entries.positions, slot, positions[:, 0]),
-            ext.write_slot(entries.scores, slot, score[:, 0]),
-        )  # fmt: skip
-        o_kv = ext.ham_attend(
-            q, entries.keys, entries.values, count, p["attn_log_scale"], p["attn_sink"],
-            rec.small[:, 0, 2 * HV :], p["kv_norm"], entries.scores if kind.learned else None,
-            gdn.norm_eps, EPS if kind.learned else None, threads,
-        )  # [B, HV, Dv]  # fmt: skip
-        y = rnn_output(rec, p, gdn) + o_kv[:, None]  # [B, 1, HV, Dv]
-        y = linear(p["o_proj"], y.astype(x.dtype).reshape(B, 1, -1))
-        return y, conv, S, entries, count, score, admitted[:, None]
     admitted = admit(score, tau, None, count, cap)
     slot = append_slots(count, admitted, scratch)  # [B, 1]
     entries = scatter_entries(entries, slot, k[:, :, None], v[:, :, None], positions, score)
@@ -99,10 +94,32 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
         q, entries.keys[:, :, :m], entries.values[:, :, :m], count, p["attn_log_scale"],
         p["attn_sink"], bias,
     )  # [B, HV, Dv]  # fmt: skip
-    kv = gated_output(o_kv[:, :, None], rec.small[..., 2 * HV :], p["kv_norm"], gdn.norm_eps)
-    y = rnn_output(rec, p, gdn) + kv  # [B, 1, HV, Dv]
-    y = linear(p["o_proj"], y.astype(x.dtype).reshape(B, 1, -1))
-    return y, conv, S, entries, count, score, admitted
+    kv = gated_output(o_kv[:, :, None], rec.small[..., 2 * gdn.HV :], p["kv_norm"], gdn.norm_eps)
+    return kv, entries, count, score, admitted
+
+
+def extension_part(p, x, rec, entries, count, positions, tau, cap, scratch, gdn, kind, threads):
+    """`mlx_part` as seven operations of the MLX extension (`ops.mlx_ext`): the head score, the
+    admission, the four slot writes (in place) and the attention with its gated norm (on up to
+    `threads` threads); each row's count bounds the entries it reads."""
+    ext = mlx_ext.module()
+    q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
+    if kind.learned:
+        score = learned_score(p["router"], x)[:, 0]  # [B]
+    else:
+        score = ext.head_score(rec.v_hat[:, 0], v, kind.name, EPS)  # [B]
+    count, admitted, slot = ext.ham_admit(score, tau, count, scratch, cap)  # [B] each
+    entries = Entries(
+        ext.write_slot(entries.keys, slot, k), ext.write_slot(entries.values, slot, v),
+        ext.write_slot(entries.positions, slot, positions[:, 0]),
+        ext.write_slot(entries.scores, slot, score),
+    )  # fmt: skip
+    o_kv = ext.ham_attend(
+        q, entries.keys, entries.values, count, p["attn_log_scale"], p["attn_sink"],
+        rec.small[:, 0, 2 * gdn.HV :], p["kv_norm"], entries.scores if kind.learned else None,
+        gdn.norm_eps, EPS if kind.learned else None, threads,
+    )  # [B, HV, Dv]  # fmt: skip
+    return o_kv[:, None], entries, count, score[:, None], admitted[:, None]
 
 
 class HAMAttention(GatedDeltaNet):
