@@ -214,8 +214,10 @@ def test_decode_with_the_extension_matches_decode_without(ext, monkeypatch, name
     assert got_counts == want_counts
 
 
-def test_without_a_compiler_the_decode_keeps_mlx_operations(tmp_path):
-    """A build that fails leaves `available()` false with the reason, and decoding works."""
+@pytest.mark.parametrize("compiler", ["system", "failing"])
+def test_a_fresh_build_and_a_failed_one(tmp_path, compiler):
+    """Built from nothing into an empty folder, the extension loads and serves decoding; a build
+    that fails leaves `available()` false with the reason, and decoding keeps MLX's operations."""
     script = textwrap.dedent(
         """
         import mlx.core as mx
@@ -231,14 +233,22 @@ def test_without_a_compiler_the_decode_keeps_mlx_operations(tmp_path):
         cache = model.make_cache()
         out = [model(mx.array([[1, 2, 3]]), cache)] + [model(mx.array([[4]]), cache)]
         mx.eval(out)
-        print("decoded")
+        print("decoded", cache[0].admitted_counts())
         """
     )
-    env = {**os.environ, "CXX": "/bin/false", "HAM_MLX_EXT_DIR": str(tmp_path)}
+    env = {**os.environ, "HAM_MLX_EXT_DIR": str(tmp_path)}
+    env.pop("HAM_MLX_NO_MLX_EXT", None)
+    if compiler == "failing":
+        env["CXX"] = "/bin/false"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == "False"
-    assert "compiler failed" in lines[1] if linux else lines[1] != "None"
-    assert lines[-1] == "decoded"
+    assert lines[-1] == "decoded [4]"  # τ = 0 stores every token
+    built = list(tmp_path.glob("*/_mlx_ext*"))
+    if compiler == "system" and linux:
+        assert lines[:2] == ["True", "None"]
+        assert len(built) == 1, "the build is kept in the folder"
+    else:
+        assert lines[0] == "False" and not built
+        assert "compiler failed" in lines[1] if linux else lines[1] != "None"

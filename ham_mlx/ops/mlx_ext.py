@@ -99,9 +99,11 @@ def _toolchain() -> tuple[str, Path, Path]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("HAM_MLX_EXT_DIR") or os.environ.get("XDG_CACHE_HOME")
-    base = Path(root) if root else Path.home() / ".cache"
-    return (base if os.environ.get("HAM_MLX_EXT_DIR") else base / "ham_mlx") / "mlx_ext"
+    """HAM_MLX_EXT_DIR, else ham_mlx/mlx_ext in the user's cache folder (one subfolder a build)."""
+    chosen = os.environ.get("HAM_MLX_EXT_DIR")
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ham_mlx" / "mlx_ext"
 
 
 def _cpu() -> str:
