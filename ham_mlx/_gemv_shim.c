@@ -154,8 +154,9 @@ static struct {
   atomic_flag busy;
   int workers; /* threads started, excluding the caller */
   pid_t pid;   /* the process that started them (a forked child has none) */
-  const struct gemv *job;
-  int dot, parts;
+  void (*fn)(void *, int, int); /* the job: fn(ctx, part, parts) */
+  void *ctx;
+  int parts;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, ATOMIC_FLAG_INIT, 0, 0, 0, 0, 0};
 
 static inline void relax(void) {
@@ -186,7 +187,7 @@ static void *worker(void *arg) {
     }
     seen = g;
     if (part < pool.parts) {
-      run_part(pool.job, pool.dot, part, pool.parts);
+      pool.fn(pool.ctx, part, pool.parts);
       atomic_fetch_sub_explicit(&pool.remaining, 1, memory_order_release);
     }
   }
@@ -224,7 +225,46 @@ static void after_fork_in_child(void) {
   pool.pid = getpid();
 }
 
+/* Runs fn(ctx, part, parts) for every part, the caller taking part 0; the pool is held (busy)
+ * when parts > 1. */
+static void run_parts(void (*fn)(void *, int, int), void *ctx, int parts) {
+  if (parts > 1) {
+    pool.fn = fn, pool.ctx = ctx, pool.parts = parts;
+    atomic_store(&pool.remaining, parts - 1);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+  }
+  fn(ctx, 0, parts);
+  if (parts > 1)
+    while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0) relax();
+}
+
+/* For the other helpers in the process (found with dlsym): runs fn(ctx, part, parts) for part in
+ * [0, parts) on this pool's threads, whose workers spin for a while after each product and so
+ * start at once during a decode step. parts <= `wanted`: 1 (the caller alone) when the pool is busy
+ * or has no threads. Returns parts. */
+int ham_pool_run(void (*fn)(void *, int, int), void *ctx, int wanted) {
+  int limit = wanted < threads_wanted ? wanted : threads_wanted;
+  int pooled = limit > 1 && !atomic_flag_test_and_set(&pool.busy);
+  int parts = pooled ? ensure_workers(limit) : 1;
+  run_parts(fn, ctx, parts);
+  if (pooled) atomic_flag_clear(&pool.busy);
+  return parts;
+}
+
 /* ---- one product ---------------------------------------------------------------------------- */
+struct gemv_job {
+  const struct gemv *g;
+  int dot;
+};
+
+static void gemv_part(void *ctx, int part, int parts) {
+  const struct gemv_job *j = ctx;
+  run_part(j->g, j->dot, part, parts);
+}
+
 static _Thread_local float *scratch;
 static _Thread_local size_t scratch_len;
 
@@ -258,17 +298,8 @@ static int gemv(int dot, int rows, int cols, float alpha, const float *A, int ld
   }
   if (!dot)
     for (int p = 0; p < parts; ++p) g.partial[p] = buf + (size_t)p * nout;
-  if (parts > 1) {
-    pool.job = &g, pool.dot = dot, pool.parts = parts;
-    atomic_store(&pool.remaining, parts - 1);
-    pthread_mutex_lock(&pool.mu);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.mu);
-  }
-  run_part(&g, dot, 0, parts);
-  if (parts > 1)
-    while (atomic_load_explicit(&pool.remaining, memory_order_acquire) > 0) relax();
+  struct gemv_job job = {&g, dot};
+  run_parts(gemv_part, &job, parts);
   if (pooled) atomic_flag_clear(&pool.busy);
   if (!dot)
     for (int j = 0; j < nout; ++j) {

@@ -13,6 +13,8 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -329,6 +331,11 @@ struct Attend {
     }
   }
 
+  static void part(void* self, int part, int parts) {
+    auto* job = static_cast<const Attend*>(self);
+    for (int it = part; it < job->B * job->H; it += parts) job->item(it);
+  }
+
   void run() const {
     int items = B * H;
     int64_t bytes = 0;
@@ -336,6 +343,15 @@ struct Attend {
     // below about 2 MB of entries a second thread costs more to start than it saves
     int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (2 << 20)}));
     parts = std::max(parts, 1);
+    // ham_mlx's gemv helper, where it is loaded: its threads are already awake during a decode
+    // step (they spin between the step's products), and a thread of our own would share a core
+    // with one of them
+    using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
+    static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
+    if (parts > 1 && pool_run) {
+      pool_run(&Attend::part, const_cast<Attend*>(this), parts);
+      return;
+    }
     std::vector<std::thread> pool;
     for (int t = 1; t < parts; ++t) {
       pool.emplace_back([this, t, items, parts] {

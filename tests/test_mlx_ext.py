@@ -159,6 +159,34 @@ def test_attend_on_several_threads_gives_the_same_bits(ext):
     np.testing.assert_allclose(outs[0], np.array(want), atol=2e-5, rtol=1e-5)
 
 
+def test_attend_on_threads_of_its_own_without_the_gemv_helper(ext):
+    """Where ham_mlx's gemv helper is not loaded, the attention starts threads of its own."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, mlx.core as mx
+        import ham_mlx
+        from ham_mlx import _blas
+        from ham_mlx.ops import mlx_ext
+        assert _blas.loaded_gemv_shim is None
+        ext = mlx_ext.module()
+        rng = np.random.default_rng(0)
+        keys = mx.array(rng.normal(size=(1, 4, 1500, 64)), dtype=mx.float32)
+        values = mx.array(rng.normal(size=(1, 4, 1500, 128)), dtype=mx.float32)
+        q = mx.array(rng.normal(size=(1, 4, 64)), dtype=mx.float32)
+        small = (mx.zeros((4,)), mx.zeros((4,)), mx.zeros((1, 4)), mx.ones((128,)))
+        count = mx.array([1400], dtype=mx.int32)
+        outs = [np.array(ext.ham_attend(q, keys, values, count, *small, None, 1e-6, None, t))
+                for t in (1, 2)]
+        assert np.array_equal(outs[0], outs[1])
+        print("OK")
+        """
+    )
+    env = {**os.environ, "HAM_MLX_NO_GEMV_SHIM": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr[-3000:]
+
+
 def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
     i = mx.zeros((2,), dtype=mx.int32)
     with pytest.raises(ValueError, match="write_slot: row"):
