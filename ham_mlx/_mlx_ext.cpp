@@ -87,8 +87,8 @@ float dot(const float* a, const float* b, int n) {
 }
 
 // ---- admission: which slot the token goes to ---------------------------------------------------
-// inputs score [B] f32, tau (1 or B) f32, count [B] i32, scratch (1) i32[, cap (1) i32]
-// outputs count' [B] i32, admitted [B] bool, slot [B] i32: a token is stored iff score >= tau, and
+// inputs score [B] (or [B, 1]) f32, tau (1 or B) f32, count [B] i32, scratch (1) i32[, cap (1) i32]
+// outputs count' [B] i32, admitted (the score's shape) bool, slot [B] i32: a token is stored iff score >= tau, and
 // with a cap only while the row keeps within it; a token not stored goes to the scratch slot.
 class HamAdmit : public mx::Primitive {
  public:
@@ -149,8 +149,9 @@ class WriteSlot : public mx::UnaryPrimitive {
     std::vector<int64_t> strides(buffer.strides().begin(), buffer.strides().end());
     Flat<int32_t> slot(in[1]);
     const uint8_t* row = in[2].data<uint8_t>();
-    std::vector<int64_t> row_shape(in[2].shape().begin(), in[2].shape().end());
+    // the row's strides without its one-token axis ([B, 1, N, D] or [B, 1] as the step holds it)
     std::vector<int64_t> row_strides(in[2].strides().begin(), in[2].strides().end());
+    if (static_cast<size_t>(in[2].ndim()) == shape.size()) row_strides.erase(row_strides.begin() + 1);
     uint8_t* dst = out.data<uint8_t>();
     std::vector<mx::array> outs = {out};
     dispatch(*this, in, outs, [=]() {
@@ -209,7 +210,7 @@ class HeadScore : public mx::UnaryPrimitive {
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     allocate(out);
     Flat<float> v_hat(in[0]), v(in[1]);
-    int B = in[1].shape(0), HV = in[1].shape(1), Dv = in[1].shape(2);
+    int B = in[1].shape(0), HV = in[1].shape(-2), Dv = in[1].shape(-1);
     float* score = out.data<float>();
     std::vector<mx::array> outs = {out};
     dispatch(*this, in, outs, [=, cosine = cosine_, eps = eps_]() {
@@ -250,6 +251,7 @@ class HeadScore : public mx::UnaryPrimitive {
 // ---- attention of one query per row over its stored entries, then the gated norm --------------
 // inputs q [B, H, Dk], keys [B, H, n, Dk], values [B, HV, n, Dv], count [B] i32, log_scale [HV],
 // sink [HV], gate [B, HV], norm_weight [Dv][, scores [B, n] for the learned router's key bias]
+// (q [B, 1, H, Dk] and gate [B, 1, HV] as the step holds them give out [B, 1, HV, Dv])
 // output [B, HV, Dv] f32: sigmoid(gate) * RMSNorm(softmax-with-sink(K q * scale + bias) V) * w
 struct Attend {
   Flat<float> q, log_scale, sink, gate, weight;
@@ -440,8 +442,17 @@ std::vector<mx::array> ham_admit(const mx::array& score, const mx::array& tau,
          "ham_admit: int32 count, scratch and cap");
   std::vector<mx::array> inputs = {score, tau, count, scratch};
   if (cap) inputs.push_back(*cap);
-  return mx::array::make_arrays({{B}, {B}, {B}}, {mx::int32, mx::bool_, mx::int32},
+  // admitted has the score's shape ([B] or [B, 1])
+  return mx::array::make_arrays({{B}, score.shape(), {B}}, {mx::int32, mx::bool_, mx::int32},
                                 std::make_shared<HamAdmit>(cpu_stream(), cap.has_value()), inputs);
+}
+
+// A one-token input's shape without its token axis: [B, 1, ...] as [B, ...] (the decode step's
+// arrays keep that axis; reading them flat, the primitives need no reshape node).
+mx::Shape per_row(const mx::array& a, bool token_axis) {
+  mx::Shape s = a.shape();
+  if (token_axis && s.size() >= 2 && s[1] == 1) s.erase(s.begin() + 1);
+  return s;
 }
 
 mx::array write_slot(const mx::array& buffer, const mx::array& slot, const mx::array& row) {
@@ -449,7 +460,8 @@ mx::array write_slot(const mx::array& buffer, const mx::array& slot, const mx::a
   int B = buffer.shape(0);
   mx::Shape want = buffer.ndim() == 4 ? mx::Shape{B, buffer.shape(1), buffer.shape(3)}
                                       : mx::Shape{B};
-  expect(row.shape() == want, "write_slot: row must be [B, N, D] or [B]");
+  expect(per_row(row, row.ndim() == buffer.ndim()) == want,
+         "write_slot: row must be [B, N, D] or [B] (or [B, 1, N, D], [B, 1])");
   expect(row.dtype() == buffer.dtype(), "write_slot: row and buffer dtypes differ");
   expect(slot.size() == size_t(B) && slot.dtype() == mx::int32, "write_slot: slot [B] int32");
   return mx::array(buffer.shape(), buffer.dtype(), std::make_shared<WriteSlot>(cpu_stream()),
@@ -459,9 +471,11 @@ mx::array write_slot(const mx::array& buffer, const mx::array& slot, const mx::a
 mx::array head_score(const mx::array& v_hat, const mx::array& v, const std::string& kind,
                      float eps) {
   expect(kind == "cosine" || kind == "l2", "head_score: kind must be 'cosine' or 'l2'");
-  expect(v.ndim() == 3 && v_hat.shape() == v.shape(), "head_score: v_hat and v [B, HV, Dv]");
+  expect(per_row(v, v.ndim() == 4).size() == 3 && v_hat.shape() == v.shape(),
+         "head_score: v_hat and v [B, HV, Dv] or [B, 1, HV, Dv]");
   expect(v.dtype() == mx::float32 && v_hat.dtype() == mx::float32, "head_score: float32 only");
-  return mx::array({v.shape(0)}, mx::float32,
+  mx::Shape out = v.ndim() == 4 ? mx::Shape{v.shape(0), 1} : mx::Shape{v.shape(0)};
+  return mx::array(out, mx::float32,
                    std::make_shared<HeadScore>(cpu_stream(), kind == "cosine", eps), {v_hat, v});
 }
 
@@ -475,8 +489,9 @@ mx::array ham_attend(const mx::array& q, const mx::array& keys, const mx::array&
   int HV = values.shape(1), Dv = values.shape(3);
   expect(H > 0 && HV % H == 0 && values.shape(0) == B && values.shape(2) == n,
          "ham_attend: values [B, HV, n, Dv] with HV a multiple of H");
-  expect(q.shape() == mx::Shape{B, H, Dk}, "ham_attend: q must be [B, H, Dk]");
-  expect(gate.shape() == mx::Shape{B, HV}, "ham_attend: gate must be [B, HV]");
+  bool token_axis = q.ndim() == 4;  // q [B, 1, H, Dk], gate [B, 1, HV]: out [B, 1, HV, Dv]
+  expect(per_row(q, token_axis) == mx::Shape{B, H, Dk}, "ham_attend: q must be [B, H, Dk]");
+  expect(per_row(gate, token_axis) == mx::Shape{B, HV}, "ham_attend: gate must be [B, HV]");
   expect(log_scale.shape() == mx::Shape{HV} && sink.shape() == mx::Shape{HV},
          "ham_attend: log_scale and sink must be [HV]");
   expect(norm_weight.shape() == mx::Shape{Dv}, "ham_attend: norm_weight must be [Dv]");
@@ -489,7 +504,8 @@ mx::array ham_attend(const mx::array& q, const mx::array& keys, const mx::array&
   expect(!scores || scores->dtype() == mx::float32, "ham_attend: float32 scores");
   std::vector<mx::array> inputs = {q, keys, values, count, log_scale, sink, gate, norm_weight};
   if (scores) inputs.push_back(*scores);
-  return mx::array({B, HV, Dv}, mx::float32,
+  mx::Shape out = token_axis ? mx::Shape{B, 1, HV, Dv} : mx::Shape{B, HV, Dv};
+  return mx::array(out, mx::float32,
                    std::make_shared<HamAttend>(cpu_stream(), norm_eps, bias_eps,
                                                std::max(1, threads)),
                    inputs);

@@ -47,6 +47,9 @@ def test_admit_matches_admit_and_append_slots(ext, per_row_tau, cap):
     want_slot = append_slots(count, want, arr(scratch, mx.int32))
     new_count, admitted, slot = ext.ham_admit(score, tau, count, arr([scratch], mx.int32), cap_a)
     np.testing.assert_array_equal(np.array(admitted), np.array(want[:, 0]))
+    stepped = ext.ham_admit(score[:, None], tau, count, arr([scratch], mx.int32), cap_a)
+    assert stepped[1].shape == (B, 1)  # admitted takes the score's shape
+    np.testing.assert_array_equal(np.array(stepped[1]), np.array(want))
     np.testing.assert_array_equal(np.array(slot), np.array(want_slot[:, 0]))
     np.testing.assert_array_equal(np.array(new_count), np.array(count) + np.array(want[:, 0]))
 
@@ -62,6 +65,8 @@ def test_head_score_matches_head_surprise_and_token_score(ext, kind):
     want = token_score(head_surprise(v_hat, v, kind))
     got = ext.head_score(v_hat, v, kind, EPS)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-6, rtol=1e-5)
+    stepped = ext.head_score(v_hat[:, None], v[:, None], kind, EPS)  # [B, 1, HV, Dv] -> [B, 1]
+    np.testing.assert_array_equal(np.array(stepped), np.array(got)[:, None])
     assert np.isnan(np.array(got)[2])
     with pytest.raises(ValueError, match="kind"):
         ext.head_score(v_hat, v, "learned", EPS)
@@ -88,6 +93,8 @@ def test_write_slot_matches_put_along_axis_and_leaves_a_held_buffer_alone(ext, l
             want[b, int(slot[b])] = np.array(row[b])
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.array(buffer), before)  # the caller's array is unchanged
+    stepped = ext.write_slot(buffer, slot, row[:, None])  # the row with its token axis
+    np.testing.assert_array_equal(np.array(stepped), want)
 
 
 def test_write_slot_writes_in_place_when_the_buffer_is_not_held(ext):
@@ -124,6 +131,10 @@ def test_attend_matches_buffer_attention_and_gated_output(ext, hv, learned, thre
     want = attention_twin(*args)
     got = ext.ham_attend(*args, 1e-6, EPS if learned else None, threads)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5, rtol=1e-5)
+    # the step's shapes, with the token axis: q [B, 1, H, Dk], gate [B, 1, HV] -> [B, 1, HV, Dv]
+    stepped = ext.ham_attend(q[:, None], *args[1:6], gate[:, None], *args[7:], 1e-6,
+                             EPS if learned else None, threads)  # fmt: skip
+    np.testing.assert_array_equal(np.array(stepped), np.array(got)[:, None])
     assert not np.any(np.array(got)[0])  # a row with no entries attends nothing
 
 

@@ -101,25 +101,25 @@ def mlx_part(p, x, rec, entries, count, positions, tau, cap, scratch, slots, gdn
 def extension_part(p, x, rec, entries, count, positions, tau, cap, scratch, gdn, kind, threads):
     """`mlx_part` as seven operations of the MLX extension (`ops.mlx_ext`): the head score, the
     admission, the four slot writes (in place) and the attention with its gated norm (on up to
-    `threads` threads); each row's count bounds the entries it reads."""
+    `threads` threads); each row's count bounds the entries it reads. The operations take the
+    step's arrays with their token axis ([B, 1, ...]) as they are: no view nodes."""
     ext = mlx_ext.module()
-    q, k, v = rec.q[:, 0], rec.k[:, 0], rec.v[:, 0]  # [B, H, Dk], [B, HV, Dv]
     if kind.learned:
-        score = learned_score(p["router"], x)[:, 0]  # [B]
+        score = learned_score(p["router"], x)  # [B, 1]
     else:
-        score = ext.head_score(rec.v_hat[:, 0], v, kind.name, EPS)  # [B]
-    count, admitted, slot = ext.ham_admit(score, tau, count, scratch, cap)  # [B] each
+        score = ext.head_score(rec.v_hat, rec.v, kind.name, EPS)  # [B, 1]
+    count, admitted, slot = ext.ham_admit(score, tau, count, scratch, cap)  # [B], [B, 1], [B]
     entries = Entries(
-        ext.write_slot(entries.keys, slot, k), ext.write_slot(entries.values, slot, v),
-        ext.write_slot(entries.positions, slot, positions[:, 0]),
+        ext.write_slot(entries.keys, slot, rec.k), ext.write_slot(entries.values, slot, rec.v),
+        ext.write_slot(entries.positions, slot, positions),
         ext.write_slot(entries.scores, slot, score),
     )  # fmt: skip
-    o_kv = ext.ham_attend(
-        q, entries.keys, entries.values, count, p["attn_log_scale"], p["attn_sink"],
-        rec.small[:, 0, 2 * gdn.HV :], p["kv_norm"], entries.scores if kind.learned else None,
+    kv = ext.ham_attend(
+        rec.q, entries.keys, entries.values, count, p["attn_log_scale"], p["attn_sink"],
+        rec.small[..., 2 * gdn.HV :], p["kv_norm"], entries.scores if kind.learned else None,
         gdn.norm_eps, EPS if kind.learned else None, threads,
-    )  # [B, HV, Dv]  # fmt: skip
-    return o_kv[:, None], entries, count, score[:, None], admitted[:, None]
+    )  # [B, 1, HV, Dv]  # fmt: skip
+    return kv, entries, count, score, admitted
 
 
 class HAMAttention(GatedDeltaNet):
