@@ -1,11 +1,11 @@
 """MLX operations for the HAM part of a one-token decode step on the CPU.
 
-MLX runs that part of the step (admission, the four scatters into the KV buffer, the attention
-over the stored entries and the gated norm) as about sixty graph nodes; on the CPU each node
-costs several microseconds however small its work. `ham_mlx/_mlx_ext.cpp` defines it as six
-MLX primitives (`ham_admit`, four `write_slot`, `ham_attend`), so that it stays inside the
-compiled step (no host sync), writes the buffers in place and reads the entries on several
-threads.
+MLX runs that part of the step (the head score, admission, the four scatters into the KV buffer,
+the attention over the stored entries and the gated norm) as about sixty graph nodes; on the CPU
+each node costs several microseconds however small its work. `ham_mlx/_mlx_ext.cpp` defines it as
+seven MLX primitives (`head_score`, `ham_admit`, four `write_slot`, `ham_attend`), so that it
+stays inside the compiled step (no host sync), writes the buffers in place and reads the entries
+on several threads (the gemv helper's pool where it is loaded).
 
 The extension is compiled on first use against the installed MLX (its headers and `libmlx` ship
 in the wheel) with nanobind's sources, by the C++ compiler MLX's own CPU `mx.compile` uses, and
@@ -44,7 +44,8 @@ _state: dict[str, object] = {}
 
 
 def available() -> bool:
-    """Whether `ham_decode` can run here: on the CPU device, not turned off, built and loaded."""
+    """Whether the extension's operations can run here: on the CPU device, not turned off, built
+    and loaded."""
     if os.environ.get("HAM_MLX_NO_MLX_EXT", "") not in ("", "0"):
         return False
     return mx.default_device() == mx.cpu and _load() is not None
@@ -56,12 +57,14 @@ def why_not() -> str | None:
 
 
 def threads() -> int:
+    """Threads for one attention: HAM_MLX_EXT_THREADS, else the CPUs this process may use."""
     value = os.environ.get("HAM_MLX_EXT_THREADS", "")
     return max(1, int(value)) if value else cpu_count()
 
 
 def module() -> ModuleType:
-    """The loaded extension: `ham_admit`, `write_slot`, `ham_attend` (see `_mlx_ext.cpp`)."""
+    """The loaded extension: `head_score`, `ham_admit`, `write_slot`, `ham_attend` (see
+    `_mlx_ext.cpp`)."""
     loaded = _load()
     if loaded is None:
         raise RuntimeError(f"the ham_mlx MLX extension is not available: {why_not()}")
