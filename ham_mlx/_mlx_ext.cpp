@@ -88,9 +88,10 @@ float dot(const float* a, const float* b, int n) {
 }
 
 // ---- admission: which slot the token goes to ---------------------------------------------------
-// inputs score [B] (or [B, 1]) f32, tau (1 or B) f32, count [B] i32, scratch (1) i32[, cap (1) i32]
-// outputs count' [B] i32, admitted (the score's shape) bool, slot [B] i32: a token is stored iff score >= tau, and
-// with a cap only while the row keeps within it; a token not stored goes to the scratch slot.
+// inputs score [B] or [B, 1] f32, tau (1 or B) f32, count [B] i32, scratch (1) i32[, cap (1) i32]
+// outputs count' [B] i32, admitted (the score's shape) bool, slot [B] i32: a token is stored iff
+// score >= tau, and with a cap only while the row keeps within it; a token not stored goes to the
+// scratch slot.
 class HamAdmit : public mx::Primitive {
  public:
   HamAdmit(mx::Stream s, bool has_cap) : mx::Primitive(s), has_cap_(has_cap) {}
@@ -152,7 +153,9 @@ class WriteSlot : public mx::UnaryPrimitive {
     const uint8_t* row = in[2].data<uint8_t>();
     // the row's strides without its one-token axis ([B, 1, N, D] or [B, 1] as the step holds it)
     std::vector<int64_t> row_strides(in[2].strides().begin(), in[2].strides().end());
-    if (static_cast<size_t>(in[2].ndim()) == shape.size()) row_strides.erase(row_strides.begin() + 1);
+    if (static_cast<size_t>(in[2].ndim()) == shape.size()) {
+      row_strides.erase(row_strides.begin() + 1);
+    }
     uint8_t* dst = out.data<uint8_t>();
     std::vector<mx::array> outs = {out};
     dispatch(*this, in, outs, [=]() {
@@ -178,11 +181,16 @@ class WriteSlot : public mx::UnaryPrimitive {
         int64_t s = slot[b];
         if (s < 0 || s >= n) continue;
         for (int64_t h = 0; h < N; ++h) {
-          for (int64_t d = 0; d < D; ++d) {
-            int64_t r = shape.size() == 4
-                ? b * row_strides[0] + h * row_strides[1] + d * row_strides[2]
-                : b * row_strides[0];
-            std::memcpy(dst + (((b * N + h) * n + s) * D + d) * item, row + r * item, item);
+          uint8_t* to = dst + ((b * N + h) * n + s) * D * item;
+          if (shape.size() == 2) {
+            std::memcpy(to, row + b * row_strides[0] * item, item);
+          } else if (row_strides[2] == 1) {  // one copy of the head's D elements
+            std::memcpy(to, row + (b * row_strides[0] + h * row_strides[1]) * item, D * item);
+          } else {
+            for (int64_t d = 0; d < D; ++d) {
+              int64_t r = b * row_strides[0] + h * row_strides[1] + d * row_strides[2];
+              std::memcpy(to + d * item, row + r * item, item);
+            }
           }
         }
       }
@@ -199,7 +207,7 @@ class WriteSlot : public mx::UnaryPrimitive {
   }
 };
 
-// ---- the token's score from its value heads' surprise --------------------------------------------
+// ---- the token's score from its value heads' surprise ------------------------------------------
 // inputs v_hat [B, HV, Dv], v [B, HV, Dv] (f32, any strides); output [B] f32: the min over the
 // heads of the cosine surprise 1 - <v_hat, v> / sqrt((|v_hat|^2 + eps)(|v|^2 + eps)), or of the l2
 // surprise |v - v_hat|^2 / (|v|^2 + eps)
@@ -227,7 +235,8 @@ class HeadScore : public mx::UnaryPrimitive {
             cross += cosine ? a * x : (x - a) * (x - a);
           }
           float e = cosine ? 1.0f - cross / std::sqrt((hv + eps) * (vv + eps)) : cross / (vv + eps);
-          best = (e < best || std::isnan(e)) && !std::isnan(best) ? e : best;  // NaN wins, as in MLX
+          // the min, where a NaN wins as in MLX's min
+          best = (e < best || std::isnan(e)) && !std::isnan(best) ? e : best;
         }
         score[b] = best;
       }

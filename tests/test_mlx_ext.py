@@ -97,6 +97,16 @@ def test_write_slot_matches_put_along_axis_and_leaves_a_held_buffer_alone(ext, l
     np.testing.assert_array_equal(np.array(stepped), want)
 
 
+def test_write_slot_from_a_strided_row(ext):
+    rng = np.random.default_rng(7)
+    buffer = arr(rng.normal(size=(2, 3, 4, 5)))
+    row = arr(rng.normal(size=(2, 5, 3))).swapaxes(1, 2)  # [B, N, D] with D not innermost
+    got = np.array(ext.write_slot(buffer, arr([1, 3], mx.int32), row))
+    want = np.array(buffer)
+    want[0, :, 1], want[1, :, 3] = np.array(row[0]), np.array(row[1])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_write_slot_writes_in_place_when_the_buffer_is_not_held(ext):
     buffer = mx.zeros((1, 2, 8, 4))
     mx.eval(buffer)
