@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "_surprise.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -48,15 +49,24 @@ struct Flat {
         contiguous(x.flags().row_contiguous),
         shape(x.shape().begin(), x.shape().end()),
         strides(x.strides().begin(), x.strides().end()) {}
-  T operator[](int64_t i) const {
-    if (size == 1) return data[0];
-    if (contiguous) return data[i];
+  int64_t offset(int64_t i) const {
+    if (contiguous) return i;
     int64_t off = 0;
     for (int d = static_cast<int>(shape.size()) - 1; d >= 0; --d) {
       off += (i % shape[d]) * strides[d];
       i /= shape[d];
     }
-    return data[off];
+    return off;
+  }
+  T operator[](int64_t i) const {
+    return size == 1 ? data[0] : data[offset(i)];
+  }
+  // The n elements from index i on, within one run of the last axis, as contiguous memory: in
+  // place where that axis is contiguous (as in the decode step's strided q and v), else in tmp.
+  const T* row(int64_t i, int n, T* tmp) const {
+    if (contiguous || (!strides.empty() && strides.back() == 1)) return data + offset(i);
+    for (int k = 0; k < n; ++k) tmp[k] = (*this)[i + k];
+    return tmp;
   }
 };
 
@@ -208,9 +218,8 @@ class WriteSlot : public mx::UnaryPrimitive {
 };
 
 // ---- the token's score from its value heads' surprise ------------------------------------------
-// inputs v_hat [B, HV, Dv], v [B, HV, Dv] (f32, any strides); output [B] f32: the min over the
-// heads of the cosine surprise 1 - <v_hat, v> / sqrt((|v_hat|^2 + eps)(|v|^2 + eps)), or of the l2
-// surprise |v - v_hat|^2 / (|v|^2 + eps)
+// inputs v_hat [B, HV, Dv], v [B, HV, Dv] (or [B, 1, HV, Dv]; f32, any strides); output [B] (or
+// [B, 1]) f32: the min over the heads of the cosine or l2 surprise (_surprise.h)
 class HeadScore : public mx::UnaryPrimitive {
  public:
   HeadScore(mx::Stream s, bool cosine, float eps)
@@ -222,19 +231,14 @@ class HeadScore : public mx::UnaryPrimitive {
     int B = in[1].shape(0), HV = in[1].shape(-2), Dv = in[1].shape(-1);
     float* score = out.data<float>();
     std::vector<mx::array> outs = {out};
-    dispatch(*this, in, outs, [=, cosine = cosine_, eps = eps_]() {
+    dispatch(*this, in, outs, [=, kind = cosine_ ? 0 : 1, eps = eps_]() {
+      std::vector<float> tmp(2 * Dv);
       for (int b = 0; b < B; ++b) {
         float best = INFINITY;
         for (int h = 0; h < HV; ++h) {
           int64_t at = (int64_t(b) * HV + h) * Dv;
-          float hv = 0, vv = 0, cross = 0;
-          for (int d = 0; d < Dv; ++d) {
-            float a = v_hat[at + d], x = v[at + d];
-            hv += a * a;
-            vv += x * x;
-            cross += cosine ? a * x : (x - a) * (x - a);
-          }
-          float e = cosine ? 1.0f - cross / std::sqrt((hv + eps) * (vv + eps)) : cross / (vv + eps);
+          float e = ham_surprise(v_hat.row(at, Dv, tmp.data()), v.row(at, Dv, tmp.data() + Dv),
+                                 Dv, kind, eps);
           // the min, where a NaN wins as in MLX's min
           best = (e < best || std::isnan(e)) && !std::isnan(best) ? e : best;
         }
@@ -280,8 +284,8 @@ struct Attend {
     constexpr int BLOCK = 64;
     int b = it / H, h = it % H, group = HV / H;
     int n = std::min<int>(std::max<int>(count[b], 0), n_alloc);
-    std::vector<float> qv(Dk), logits(BLOCK), o(size_t(group) * Dv, 0.0f), m(group), denom(group);
-    for (int d = 0; d < Dk; ++d) qv[d] = q[(int64_t(b) * H + h) * Dk + d];
+    std::vector<float> tmp(Dk), logits(BLOCK), o(size_t(group) * Dv, 0.0f), m(group), denom(group);
+    const float* qv = q.row((int64_t(b) * H + h) * Dk, Dk, tmp.data());
     for (int g = 0; g < group; ++g) {
       m[g] = sink[h * group + g];  // the sink's logit, whose value is 0
       denom[g] = 1.0f;
@@ -289,7 +293,7 @@ struct Attend {
     const float* Kh = K + (int64_t(b) * H + h) * n_alloc * Dk;
     for (int j0 = 0; j0 < n; j0 += BLOCK) {
       int jn = std::min(BLOCK, n - j0);
-      for (int j = 0; j < jn; ++j) logits[j] = dot(Kh + int64_t(j0 + j) * Dk, qv.data(), Dk);
+      for (int j = 0; j < jn; ++j) logits[j] = dot(Kh + int64_t(j0 + j) * Dk, qv, Dk);
       for (int g = 0; g < group; ++g) {
         int hv = h * group + g;
         float scale = std::exp(log_scale[hv]), top = m[g];

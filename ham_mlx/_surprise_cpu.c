@@ -1,40 +1,18 @@
 /* The head routers' surprise e[b, t, h] on the CPU (cached prefill), in one pass over v and v_hat.
  *
- * The same result as ham_mlx.routers.head_surprise for float32 inputs (spec §4.1):
- *   cosine: 1 - (v_hat . v) / sqrt((|v_hat|^2 + eps) (|v|^2 + eps))
- *   l2:     |v - v_hat|^2 / (|v|^2 + eps)
- * ham_mlx/ops/cpu_surprise.py calls it through ctypes. MLX computes it as three reductions, each
- * a pass of its own over [T, HV, Dv].
+ * The same result as ham_mlx.routers.head_surprise for float32 inputs (spec §4.1; the formulas
+ * are in _surprise.h). ham_mlx/ops/cpu_surprise.py calls it through ctypes. MLX computes it as
+ * three reductions, each a pass of its own over [T, HV, Dv].
  *
  * Shapes (float32): v_hat, v [B, T, HV, Dv] with strides (b, t, h) in floats and the last axis
  * contiguous; out [B, T, HV] contiguous. kind: 0 cosine, 1 l2. Tokens are shared among threads.
  */
-#include <math.h>
 #include <stddef.h>
 
 #include "_parts.h"
+#include "_surprise.h"
 
 #define PARALLEL_MIN 65536 /* floats of v below which one thread is faster */
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
-static void head(const float *restrict vh, const float *restrict v, int Dv, int kind, float eps,
-                 float *out) {
-  float dot[8] = {0}, hh[8] = {0}, vv[8] = {0}, ee[8] = {0}; /* eight lanes, then summed */
-  int j = 0;
-  for (; j + 8 <= Dv; j += 8)
-    for (int l = 0; l < 8; l++) {
-      const float a = vh[j + l], b = v[j + l], e = b - a;
-      dot[l] += a * b, hh[l] += a * a, vv[l] += b * b, ee[l] += e * e;
-    }
-  for (; j < Dv; j++) {
-    const float a = vh[j], b = v[j], e = b - a;
-    dot[0] += a * b, hh[0] += a * a, vv[0] += b * b, ee[0] += e * e;
-  }
-  for (int l = 1; l < 8; l++) dot[0] += dot[l], hh[0] += hh[l], vv[0] += vv[l], ee[0] += ee[l];
-  *out = kind == 0 ? 1.0f - dot[0] / sqrtf((hh[0] + eps) * (vv[0] + eps)) : ee[0] / (vv[0] + eps);
-}
 
 struct job {
   int kind, B, T, HV, Dv;
@@ -44,14 +22,17 @@ struct job {
 };
 
 /* The tokens [lo, hi) of the flattened [B, T]. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
 static void run_tokens(const void *job, long lo, long hi) {
   const struct job *J = job;
   for (long r = lo; r < hi; r++) {
     const long b = r / J->T, t = r % J->T;
     for (int h = 0; h < J->HV; h++)
-      head(J->v_hat + b * J->hs[0] + t * J->hs[1] + h * J->hs[2],
-           J->v + b * J->vs[0] + t * J->vs[1] + h * J->vs[2], J->Dv, J->kind, J->eps,
-           J->out + r * J->HV + h);
+      J->out[r * J->HV + h] = ham_surprise(J->v_hat + b * J->hs[0] + t * J->hs[1] + h * J->hs[2],
+                                           J->v + b * J->vs[0] + t * J->vs[1] + h * J->vs[2],
+                                           J->Dv, J->kind, J->eps);
   }
 }
 

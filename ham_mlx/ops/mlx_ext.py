@@ -35,6 +35,7 @@ import mlx.core as mx
 from ham_mlx.lanes import cpu_count
 
 SOURCE = Path(__file__).resolve().parent.parent / "_mlx_ext.cpp"
+HEADERS = [SOURCE.parent / "_surprise.h"]  # what SOURCE includes from the package
 # -march=native: the build serves this machine only (its CPU is part of the cache key);
 # NB_DOMAIN=mlx: share nanobind's type registry with mlx.core, whose arrays the operations take
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
@@ -129,8 +130,8 @@ def _build() -> Path:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     key = hashlib.sha256(
         "\n".join(
-            [SOURCE.read_text(), mx.__version__, str(mlx_dir), nanobind.__version__, suffix,
-             compiler, _cpu(), *FLAGS]
+            [*(f.read_text() for f in (SOURCE, *HEADERS)), mx.__version__, str(mlx_dir),
+             nanobind.__version__, suffix, compiler, _cpu(), *FLAGS]
         ).encode()
     ).hexdigest()[:16]  # fmt: skip
     target = _cache_dir() / key / f"_mlx_ext{suffix}"
@@ -147,7 +148,7 @@ def _build() -> Path:
     os.close(fd)
     robin_map = nb_dir / "ext" / "robin_map" / "include"
     command = [
-        compiler, *FLAGS, f"-I{nb_dir / 'include'}", f"-I{robin_map}",
+        compiler, *FLAGS, f"-I{SOURCE.parent}", f"-I{nb_dir / 'include'}", f"-I{robin_map}",
         f"-I{sysconfig.get_paths()['include']}", f"-I{mlx_dir / 'include'}", str(SOURCE),
         str(nb_dir / "src" / "nb_combined.cpp"), f"-L{mlx_dir / 'lib'}", "-lmlx",
         f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", partial,
