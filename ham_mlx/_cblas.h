@@ -30,12 +30,15 @@ static int bind_blas(const char *path) {
   return sgemm == NULL;
 }
 
-/* Hold OpenBLAS to one thread while `workers` threads call it; returns what blas_restore takes. */
-static int blas_single(int workers) {
-  const int blas_threads = get_threads && workers > 1 ? get_threads() : 0;
+/* Hold OpenBLAS to one thread; returns what blas_restore takes. */
+static int blas_one_thread(void) {
+  const int blas_threads = get_threads ? get_threads() : 0;
   if (blas_threads > 1) set_threads(1);
   return blas_threads;
 }
+
+/* Hold OpenBLAS to one thread while `workers` threads call it; returns what blas_restore takes. */
+static int blas_single(int workers) { return workers > 1 ? blas_one_thread() : 0; }
 
 static void blas_restore(int blas_threads) {
   if (blas_threads > 1) set_threads(blas_threads);

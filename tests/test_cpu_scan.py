@@ -50,6 +50,29 @@ def test_c_form_without_v_hat_gives_the_same_o_and_state():
 
 
 @needs_c
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_fast_decaying_heads_match_the_mlx_scan(monkeypatch, threads):
+    """Decays of up to exp(-20) a step, as heads with large A_log give: their products inside a
+    chunk fall below float32's normal range, which the helper's threads flush to zero (its twin
+    keeps them; the difference is below 1e-37)."""
+    monkeypatch.setenv("HAM_MLX_C_SCAN_THREADS", threads)
+    *inputs, state = make_inputs(150, seed=4, decay=20.0)
+    want = gated_delta_chunked(*inputs, state, chunk_size=64)
+    for a, b in zip(cpu_scan.gated_delta_c(*inputs, state, chunk_size=64), want):
+        assert_close(a, b)
+
+
+@needs_c
+def test_the_callers_floating_point_mode_is_left_as_it_was(monkeypatch):
+    """The helper's threads flush denormals; the calling thread, which scans a share of the
+    heads, gets its own mode back: denormals still exist after a call."""
+    monkeypatch.setenv("HAM_MLX_C_SCAN_THREADS", "1")  # all of it on the calling thread
+    cpu_scan.gated_delta_c(*make_inputs(70, seed=6, decay=20.0))
+    tiny = np.array([1e-38], np.float32) / np.float32(16)  # a denormal, or 0 under flush-to-zero
+    assert tiny[0] != 0.0
+
+
+@needs_c
 def test_c_form_reads_half_precision_inputs_in_float32():
     inputs = make_inputs(70, seed=3, dtype=mx.bfloat16)
     for a, b in zip(cpu_scan.gated_delta_c(*inputs), gated_delta_chunked(*inputs)):
