@@ -14,8 +14,14 @@
  *
  * Shapes (float32): q, k [B, T, H, Dk]; v [B, T, HV, Dv]; g, beta [B, T, HV], each with the
  * strides given (in floats; the last axis, and g's and beta's head axis, contiguous); s0
- * [B, HV, Dv, Dk] or NULL (zeros), contiguous; out [B, T, 2, HV, Dv] (o, then v_hat) and
- * s [B, HV, Dv, Dk], contiguous. Value head h reads q/k head h / (HV / H).
+ * [B, HV, Dv, Dk] or NULL (zeros), contiguous; out [B, T, 2, HV, Dv] (o, then v_hat), or
+ * [B, T, HV, Dv] (o alone), and s [B, HV, Dv, Dk], contiguous. Value head h reads q/k head
+ * h / (HV / H).
+ *
+ * With an output norm (norm_w not NULL), each o row leaves as the layer's RNN output
+ *   r = o / sqrt(mean(o^2) + eps) * norm_w * act(gate)
+ * (act: 0 none (no gate), 1 SiLU, 2 sigmoid; gate [B, T, HV, Dv] with its strides, the last
+ * axis contiguous), computed while the chunk's rows are in the cache.
  */
 #include <math.h>
 #include <pthread.h>
@@ -36,7 +42,11 @@ struct job {
   const float *q, *k, *v, *g, *beta, *s0;
   const long *st; /* strides in floats: q, k, v (row, token, head), g, beta (row, token) */
   float *out, *s;
-  int with_v_hat; /* 0: o only (v_hat's slots of out are left as they were) */
+  int with_v_hat; /* 0: o only, and out holds no v_hat slots */
+  const float *gate, *norm_w; /* the output norm (norm_w NULL: none) */
+  const long *gst;            /* gate's strides in floats (row, token, head) */
+  float eps;
+  int act;
   int next;       /* the next (row, head) to take */
   pthread_mutex_t lock;
 };
@@ -57,6 +67,21 @@ static int alloc_work(struct work *w, int C, int Dk, int Dv) {
   return 0;
 }
 
+/* o [Dv] <- o / sqrt(mean(o^2) + eps) * w * act(gate), as the layer's gated RMSNorm. */
+static void output_norm(float *o, const float *gate, const float *w, int Dv, float eps, int act) {
+  float ss = 0.0f;
+  for (int j = 0; j < Dv; j++) ss += o[j] * o[j];
+  const float inv = 1.0f / sqrtf(ss / (float)Dv + eps);
+  if (act == 0) {
+    for (int j = 0; j < Dv; j++) o[j] = o[j] * inv * w[j];
+    return;
+  }
+  for (int j = 0; j < Dv; j++) {
+    const float sig = 1.0f / (1.0f + expf(-gate[j]));
+    o[j] = o[j] * inv * w[j] * (act == 1 ? gate[j] * sig : sig);
+  }
+}
+
 /* The scan of row b, value head h. Rows 2t and 2t + 1 of the chunk's buffers belong to q_t and
  * k_t, so that o_t and v_hat_t come out of one product, interleaved as out [B, T, 2, HV, Dv]
  * holds them. */
@@ -67,8 +92,10 @@ static void scan_head(const struct job *J, struct work *w, int b, int h) {
   const float *qb = J->q + b * st[0] + hk * st[2], *kb = J->k + b * st[3] + hk * st[5];
   const float *vb = J->v + b * st[6] + h * st[8];
   const float *gb = J->g + b * st[9] + h, *bb = J->beta + b * st[11] + h;
-  const int ldo = 2 * J->HV * Dv; /* out's token stride: rows o_t, v_hat_t are ldo / 2 apart */
+  const int ldr = J->HV * Dv;                  /* out's rows: o_t, then v_hat_t when kept */
+  const int ldo = (J->with_v_hat ? 2 : 1) * ldr; /* out's token stride */
   float *ob = J->out + (size_t)b * T * ldo + (size_t)h * Dv;
+  const float *gateb = J->gate ? J->gate + b * J->gst[0] + h * J->gst[2] : NULL;
   float *St = w->St, *D = w->D, *gam = w->gam, *bet = w->bet, *qk = w->qk;
   const float *s0 = J->s0 ? J->s0 + ((size_t)b * J->HV + h) * Dv * Dk : NULL;
   for (int i = 0; i < Dk; i++)
@@ -116,10 +143,12 @@ static void scan_head(const struct job *J, struct work *w, int b, int h) {
     /* [o; v_hat] = [gamma q; gamma k] St + [Aq; A] u, or o alone from the even rows */
     float *oc = ob + (size_t)t0 * ldo;
     const int m = J->with_v_hat ? 2 * n : n, step = J->with_v_hat ? 1 : 2;
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, Dk, 1.0f, qk, step * Dk, St, Dv, 0.0f, oc,
-          step * ldo / 2);
-    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, n, 1.0f, w->AA, step * C, u, R, 1.0f, oc,
-          step * ldo / 2);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, Dk, 1.0f, qk, step * Dk, St, Dv, 0.0f, oc, ldr);
+    sgemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, Dv, n, 1.0f, w->AA, step * C, u, R, 1.0f, oc, ldr);
+    if (J->norm_w)
+      for (int t = 0; t < n; t++)
+        output_norm(oc + (size_t)t * ldo, gateb ? gateb + (t0 + t) * J->gst[1] : NULL, J->norm_w,
+                    Dv, J->eps, J->act);
     for (int s = 0; s < n; s++) { /* D[last, s] */
       float *us = u + (size_t)s * R;
       for (int j = 0; j < Dv; j++) us[j] *= D[s];
@@ -158,8 +187,12 @@ static void *run_worker(void *arg) {
 int ham_gated_delta(int B, int T, int H, int HV, int Dk, int Dv, int C, const float *q,
                     const float *k, const float *v, const float *g, const float *beta,
                     const long *strides, const float *s0, float *out, float *s,
-                    int with_v_hat, int workers) {
-  struct job J = {B, T, H, HV, Dk, Dv, C, q, k, v, g, beta, s0, strides, out, s, with_v_hat, 0};
+                    int with_v_hat, const float *gate, const long *gate_strides,
+                    const float *norm_w, float eps, int act, int workers) {
+  struct job J = {.B = B, .T = T, .H = H, .HV = HV, .Dk = Dk, .Dv = Dv, .C = C,
+                  .q = q, .k = k, .v = v, .g = g, .beta = beta, .s0 = s0, .st = strides,
+                  .out = out, .s = s, .with_v_hat = with_v_hat,
+                  .gate = gate, .norm_w = norm_w, .gst = gate_strides, .eps = eps, .act = act};
   if (workers > B * HV) workers = B * HV;
   if (workers > MAX_WORKERS) workers = MAX_WORKERS;
   if (workers < 1) workers = 1;

@@ -11,6 +11,7 @@ import pytest
 from conftest import make_model
 from test_ops_gated_delta import make_inputs
 
+from ham_mlx.layers.common import gated_rms_norm
 from ham_mlx.ops import cpu_scan
 from ham_mlx.ops.gated_delta import gated_delta, gated_delta_chunked, gated_delta_sequential
 
@@ -70,6 +71,41 @@ def test_the_callers_floating_point_mode_is_left_as_it_was(monkeypatch):
     cpu_scan.gated_delta_c(*make_inputs(70, seed=6, decay=20.0))
     tiny = np.array([1e-38], np.float32) / np.float32(16)  # a denormal, or 0 under flush-to-zero
     assert tiny[0] != 0.0
+
+
+@needs_c
+@pytest.mark.parametrize(
+    "activation", ["swish", "sigmoid", None], ids=["silu", "sigmoid", "no-gate"]
+)
+@pytest.mark.parametrize("with_v_hat", [True, False], ids=["v_hat", "o-only"])
+def test_the_output_norm_equals_the_layers_gated_norm_of_o(activation, with_v_hat, monkeypatch):
+    """The scan writes RMSNorm(o) * weight * act(gate) instead of o: the same as the layer's
+    `gated_rms_norm` of the MLX scan's o, from a strided gate (a slice of a wider projection, as
+    the layer's is), on two threads; v_hat and the state unchanged."""
+    monkeypatch.setenv("HAM_MLX_C_SCAN_THREADS", "2")
+    *inputs, state = make_inputs(150, seed=11)
+    B_, T_, HV_, Dv_ = inputs[2].shape
+    mx.random.seed(12)
+    wide = 3.0 * mx.random.normal((B_, T_, HV_ * Dv_ + 5))
+    gate = None if activation is None else wide[..., 5:].reshape(B_, T_, HV_, Dv_)
+    weight = 1.0 + mx.random.normal((Dv_,))
+    norm = cpu_scan.OutputNorm(gate, weight, 1e-6, activation or "swish")
+    r, v_hat, S = cpu_scan.gated_delta_c(*inputs, state, 64, with_v_hat, norm)
+    o, want_v_hat, want_S = gated_delta_chunked(*inputs, state, chunk_size=64)
+    assert_close(r, gated_rms_norm(o, gate, weight, 1e-6, activation or "swish"))
+    assert_close(S, want_S)
+    assert (v_hat is None) == (not with_v_hat)
+    if with_v_hat:
+        assert_close(v_hat, want_v_hat)
+
+
+@needs_c
+def test_an_output_gate_of_another_shape_is_refused():
+    *inputs, state = make_inputs(20, seed=1)
+    B_, T_, HV_, Dv_ = inputs[2].shape
+    norm = cpu_scan.OutputNorm(mx.zeros((B_, T_, HV_, Dv_ + 1)), mx.ones((Dv_,)), 1e-6, "swish")
+    with pytest.raises(ValueError, match="output gate"):
+        cpu_scan.gated_delta_c(*inputs, state, out_norm=norm)
 
 
 @needs_c

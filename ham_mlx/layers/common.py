@@ -79,7 +79,7 @@ def causal_short_conv(
     if c_form and cpu_conv.available():
         y = cpu_conv.short_conv_c(x, weight[:, :, 0].T, prev)
         if L >= Kc - 1:
-            return y, x[:, L - (Kc - 1) :]
+            return y, own_copy(x[:, L - (Kc - 1) :])
         prev = mx.zeros((B, Kc - 1, C), dtype=x.dtype) if prev is None else prev
         return y, mx.concatenate([prev.astype(x.dtype), x], axis=1)[:, -(Kc - 1) :]
     if prev is None:
@@ -88,9 +88,15 @@ def causal_short_conv(
     # compiled: the taps and the SiLU fuse into one pass (eager, each tap is a pass over [L, C])
     y = maybe_compiled(conv_taps, "conv_taps")(xp, weight[:, :, 0].T)
     if unpadded:
-        return y, xp[:, -(Kc - 1) :]
+        return y, xp[:, -(Kc - 1) :] if L == 1 else own_copy(xp[:, -(Kc - 1) :])
     index = mx.array(ends.astype(np.int32))[:, None] + mx.arange(Kc - 1, dtype=mx.int32)[None]
     return y, mx.take_along_axis(xp, index[..., None], axis=1)
+
+
+def own_copy(tail: mx.array) -> mx.array:
+    """The last inputs a cache keeps, copied out of the call's (much larger) array, which a view
+    would hold in memory until the next call."""
+    return mx.contiguous(tail)
 
 
 def conv_taps(xp: mx.array, w: mx.array) -> mx.array:

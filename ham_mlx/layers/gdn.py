@@ -24,7 +24,8 @@ from ham_mlx.layers.common import (
     l2norm,
     run_plan,
 )
-from ham_mlx.ops.gated_delta import gated_delta, gated_delta_step
+from ham_mlx.ops.cpu_scan import OutputNorm, gated_delta_c
+from ham_mlx.ops.gated_delta import chunk_size_for, gated_delta, gated_delta_step, runs_c_scan
 
 
 class Recurrence(NamedTuple):
@@ -33,10 +34,12 @@ class Recurrence(NamedTuple):
     q: mx.array  # [B, L, H, Dk]   l2-normalised, before the Dk^-0.5 scale
     k: mx.array  # [B, L, H, Dk]   l2-normalised
     v: mx.array  # [B, L, HV, Dv]  after conv + SiLU
-    o: mx.array  # [B, L, HV, Dv]  S_t q_t, float32
+    o: mx.array | None  # [B, L, HV, Dv]  S_t q_t, float32 (None: the scan gave r instead)
     v_hat: mx.array  # [B, L, HV, Dv]  the RNN's prediction of v_t, float32
     gate: mx.array | None  # [B, L, HV, Dv] the output gate's logits, float32 (None: no gate)
     small: mx.array  # [B, L, n] float32: the a | b (| kv_gate) projections
+    r: mx.array | None = None  # [B, L, HV, Dv] the RNN output (`rnn_output`), where the C scan
+    # computed it from o as it wrote o
 
 
 class StepConfig(NamedTuple):
@@ -106,6 +109,7 @@ def gdn_branch(
     if valid is not None:  # padded steps: S <- 1 * S + 0
         g = mx.where(valid[..., None], g, 0.0)
         beta = mx.where(valid[..., None], beta, 0.0)
+    gate = gate_heads(gate, cfg, B, L)
     if one_step:
         qs, ks = (q[:, 0] * Dk**-0.5).astype(mx.float32), k[:, 0].astype(mx.float32)
         if HV != H:  # value head j reads q/k head j // (HV // H)
@@ -113,11 +117,19 @@ def gdn_branch(
         o, v_hat, S = gated_delta_step(qs, ks, v[:, 0].astype(mx.float32), g[:, 0], beta[:, 0],
                                        S.astype(mx.float32))  # fmt: skip
         o, v_hat = o[:, None], v_hat[:, None]
-    else:
-        o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S, cached, with_v_hat)
-    if gate is not None:
-        gate = gate.reshape(B, L, HV, Dv).astype(mx.float32)
+        return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
+    if runs_c_scan(L, cached):  # the scan also applies the output norm as it writes o
+        norm = OutputNorm(gate, p["o_norm"], cfg.norm_eps, cfg.gate_activation)
+        r, v_hat, S = gated_delta_c(q * Dk**-0.5, k, v, g, beta, S, chunk_size_for(L),
+                                    with_v_hat, norm)  # fmt: skip
+        return Recurrence(q, k, v, None, v_hat, gate, small, r), conv, S
+    o, v_hat, S = gated_delta(q * Dk**-0.5, k, v, g, beta, S, cached, with_v_hat)
     return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
+
+
+def gate_heads(gate: mx.array | None, cfg: StepConfig, B: int, L: int) -> mx.array | None:
+    """The output gate's logits as [B, L, HV, Dv] float32 (None without a gate)."""
+    return None if gate is None else gate.reshape(B, L, cfg.HV, cfg.Dv).astype(mx.float32)
 
 
 def input_projections(p: dict, x: mx.array, cfg: StepConfig) -> tuple[mx.array, ...]:
@@ -145,6 +157,8 @@ def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig) -> tuple[mx.array, ...
 
 def rnn_output(rec: Recurrence, p: dict, cfg: StepConfig) -> mx.array:
     """r_t = RMSNorm(o_t) * w_onorm * act(gate_t): [B, L, HV, Dv] float32 (spec §3 step 8)."""
+    if rec.r is not None:
+        return rec.r
     weight = p["o_norm"].astype(mx.float32)
     return gated_rms_norm(rec.o, rec.gate, weight, cfg.norm_eps, cfg.gate_activation)
 
@@ -247,7 +261,8 @@ class GatedDeltaNet(nn.Module):
         valid = None if rows is None else rows.valid
         ends = None if valid is None else rows.stop
         conv, S = (None, None) if cache is None else (cache.conv, cache.ssm)
-        p = self.branch_params()
+        # a cached call (no gradient) multiplies by the stacked input weights: one product
+        p = self.branch_params(stacked=cache is not None)
         rec, conv, S = gdn_branch(p, x, conv, S, self.step_config(), valid, ends,
                                   cached=cache is not None, with_v_hat=with_v_hat)  # fmt: skip
         if cache is not None:
@@ -267,11 +282,14 @@ class GatedDeltaNet(nn.Module):
 
     # Item access (self["q_proj"]["weight"]) below: nn.Module is a dict, and its __getattr__
     # costs a few µs per call, which adds up per layer and token.
-    def branch_params(self) -> dict:
-        """What `gdn_branch` reads: `step_params`, with the modules in place of the weights when
-        a projection is not a plain Linear (quantized)."""
-        p = self.step_params()
-        if all(type(m) is nn.Linear for m in self.step_linears()):
+    def branch_params(self, stacked: bool = False) -> dict:
+        """What `gdn_branch` reads: `step_params` (stacked: the input projections as one weight,
+        where every projection is a plain Linear; no gradient reaches the modules' own weights
+        through it), with the modules in place of the weights when a projection is not a plain
+        Linear (quantized)."""
+        plain = all(type(m) is nn.Linear for m in self.step_linears())
+        p = self.step_params(stacked and plain)
+        if plain:
             return p
         names = ("q_proj", "k_proj", "v_proj", "o_proj") + (("g_proj",) if self.use_gate else ())
         p.update({n: self[n] for n in names})

@@ -367,10 +367,21 @@ def gated_delta(
     T = q.shape[1]
     if T <= SEQUENTIAL_MAX_T:
         return gated_delta_sequential(q, k, v, g, beta, state)
-    chunk_size = min(64, max(16, 1 << (T - 1).bit_length()))  # less padding for short inputs
     if cached and cpu_scan.available():
-        return cpu_scan.gated_delta_c(q, k, v, g, beta, state, chunk_size, with_v_hat)
-    return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size)
+        return cpu_scan.gated_delta_c(q, k, v, g, beta, state, chunk_size_for(T), with_v_hat)
+    return gated_delta_chunked(q, k, v, g, beta, state, chunk_size=chunk_size_for(T))
+
+
+def chunk_size_for(T: int) -> int:
+    """The chunked scan's chunk for T steps: 64, less for short inputs (less padding)."""
+    return min(64, max(16, 1 << (T - 1).bit_length()))
+
+
+def runs_c_scan(T: int, cached: bool) -> bool:
+    """Whether `gated_delta` of T steps runs as the C helper's call (`cpu_scan.gated_delta_c`),
+    which can also apply the layer's output norm (`cpu_scan.OutputNorm`)."""
+    long_enough = cached and T > SEQUENTIAL_MAX_T
+    return long_enough and not kernels.kernels_enabled() and cpu_scan.available()
 
 
 @mx.custom_function
