@@ -21,11 +21,19 @@ from ham_mlx.convert.staging import MARKER, PAUSE_ENV
 FLA = Path(__file__).parent / "fixtures" / "fla"
 
 
+def default_sigint() -> None:
+    """A shell's background job ignores SIGINT, and its children inherit that: the child
+    conversion gets the default back (Python then raises KeyboardInterrupt on it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_signal(tmp_path: Path, sig: int) -> int:
     """`ham-mlx convert` in a subprocess, sent `sig` while its staging folder exists."""
     env = os.environ | {PAUSE_ENV: "30"}
     cmd = [sys.executable, "-m", "ham_mlx.cli", "convert", str(FLA / "gdn"), str(tmp_path / "out")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=default_sigint
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(f".out.converting.*/{MARKER}")):
         assert proc.poll() is None, proc.stderr.read().decode()
