@@ -12,7 +12,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
+from ham_mlx import huge_pages
 from ham_mlx.cache import AttnCache, GDNCache, HAMCache
 from ham_mlx.config import ModelArgs
 from ham_mlx.layers.attention import Attention
@@ -156,9 +158,17 @@ class Model(nn.Module):
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}")
         h = self.model(inputs, cache, scores)
+        if cache is not None and inputs.shape[1] == 1 and "_huge_pages" not in self.__dict__:
+            self.weights_on_huge_pages()
         if self.args.tie_word_embeddings:
             return self.model.embeddings.as_linear(h)
         return self.lm_head(h)
+
+    def weights_on_huge_pages(self) -> None:
+        """The model's weights onto huge pages, in the background (`huge_pages`): the first
+        decode step calls it once, after its stacked weights were built."""
+        arrays = [w for _, w in tree_flatten(self.parameters())]
+        self.__dict__["_huge_pages"] = huge_pages.advise_in_background(arrays)
 
     @property
     def layers(self) -> list[Block]:
