@@ -434,6 +434,103 @@ class HamAttend : public mx::UnaryPrimitive {
   int threads_;
 };
 
+// ---- one step of the gated delta rule: the GDN state read once and written once ----------------
+// inputs state [B, HV, Dv, Dk], q, k [B, 1, H, Dk] (l2-normalised, q not yet scaled by Dk^-0.5),
+// v [B, 1, HV, Dv], g (log decay) and beta [B, 1, HV]; f32, any strides. Outputs o, v_hat
+// [B, 1, HV, Dv] and the new state [B, HV, Dv, Dk]. With a = exp(g), q~ = q Dk^-0.5 and value
+// head h reading q/k head h / (HV / H), per row i of the head's state:
+//   v_hat_i = a (S_i . k),  u_i = beta (v_i - v_hat_i),  S'_i = a S_i + u_i k,
+//   o_i = a (S_i . q~) + u_i (k . q~)
+// (the twin: ham_mlx.ops.gated_delta.gated_delta_step). MLX's form reads the state twice (a
+// product, then the update's strided kernel) in about ten graph nodes.
+struct GdnStep {
+  Flat<float> S, q, k, v, g, beta;
+  float *O = nullptr, *VH = nullptr, *SO = nullptr;
+  int B = 0, H = 0, HV = 0, Dv = 0, Dk = 0, threads = 1;
+
+  void item(int it) const {
+    int b = it / HV, h = it % HV, hk = h / (HV / H);
+    std::vector<float> tmp(2 * Dk + Dv);
+    float *qs = tmp.data(), *srow_tmp = tmp.data() + Dk, *v_tmp = tmp.data() + 2 * Dk;
+    const float* qr = q.row((int64_t(b) * H + hk) * Dk, Dk, qs);
+    float scale = 1.0f / std::sqrt(static_cast<float>(Dk));
+    for (int j = 0; j < Dk; ++j) qs[j] = qr[j] * scale;
+    std::vector<float> k_tmp(Dk);
+    const float* kr = k.row((int64_t(b) * H + hk) * Dk, Dk, k_tmp.data());
+    const float* vr = v.row((int64_t(b) * HV + h) * Dv, Dv, v_tmp);
+    float kq = dot(kr, qs, Dk);
+    float a = std::exp(g[int64_t(b) * HV + h]), bt = beta[int64_t(b) * HV + h];
+    int64_t head = int64_t(b) * HV + h;
+    for (int i = 0; i < Dv; ++i) {
+      const float* si = S.row((head * Dv + i) * Dk, Dk, srow_tmp);
+      float pk = dot(si, kr, Dk), pq = dot(si, qs, Dk);
+      float vh = a * pk, u = bt * (vr[i] - vh);
+      float* so = SO + (head * Dv + i) * Dk;
+      for (int j = 0; j < Dk; ++j) so[j] = a * si[j] + u * kr[j];
+      O[head * Dv + i] = a * pq + u * kq;
+      VH[head * Dv + i] = vh;
+    }
+  }
+
+  static void part(void* self, int part, int parts) {
+    auto* job = static_cast<const GdnStep*>(self);
+    for (int it = part; it < job->B * job->HV; it += parts) job->item(it);
+  }
+
+  void run() const {
+    int items = B * HV;
+    int64_t bytes = int64_t(items) * Dv * Dk * 4;
+    // a state under about half a MB is done sooner on one thread
+    int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (512 << 10)}));
+    parts = std::max(parts, 1);
+    using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
+    static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
+    if (parts > 1 && pool_run) {
+      pool_run(&GdnStep::part, const_cast<GdnStep*>(this), parts);
+      return;
+    }
+    for (int it = 0; it < items; ++it) item(it);  // no pool: one thread (not worth a new one)
+  }
+};
+
+class GdnStepPrimitive : public mx::Primitive {
+ public:
+  GdnStepPrimitive(mx::Stream s, int threads) : mx::Primitive(s), threads_(threads) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, std::vector<mx::array>& out) override {
+    for (auto& o : out) allocate(o);
+    GdnStep job;
+    job.S = Flat<float>(in[0]);
+    job.q = Flat<float>(in[1]);
+    job.k = Flat<float>(in[2]);
+    job.v = Flat<float>(in[3]);
+    job.g = Flat<float>(in[4]);
+    job.beta = Flat<float>(in[5]);
+    job.B = in[0].shape(0);
+    job.HV = in[0].shape(1);
+    job.Dv = in[0].shape(2);
+    job.Dk = in[0].shape(3);
+    job.H = in[1].shape(2);
+    job.O = out[0].data<float>();
+    job.VH = out[1].data<float>();
+    job.SO = out[2].data<float>();
+    job.threads = threads_;
+    dispatch(*this, in, out, [job = std::move(job)]() { job.run(); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("GdnStep runs on the CPU only");
+  }
+  const char* name() const override {
+    return "GdnStep";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return threads_ == static_cast<const GdnStepPrimitive&>(other).threads_;
+  }
+
+ private:
+  int threads_;
+};
+
 // ---- the Python-facing operations: shapes and dtypes are checked here, when the graph is built --
 mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device::cpu);
@@ -525,6 +622,28 @@ mx::array ham_attend(const mx::array& q, const mx::array& keys, const mx::array&
                    inputs);
 }
 
+std::vector<mx::array> gdn_step(const mx::array& state, const mx::array& q, const mx::array& k,
+                                const mx::array& v, const mx::array& g, const mx::array& beta,
+                                int threads) {
+  expect(state.ndim() == 4, "gdn_step: state must be [B, HV, Dv, Dk]");
+  int B = state.shape(0), HV = state.shape(1), Dv = state.shape(2), Dk = state.shape(3);
+  expect(q.ndim() == 4 && q.shape(0) == B && q.shape(1) == 1 && q.shape(3) == Dk &&
+             k.shape() == q.shape(),
+         "gdn_step: q and k must be [B, 1, H, Dk]");
+  int H = q.shape(2);
+  expect(H > 0 && HV % H == 0, "gdn_step: value heads must be a multiple of q/k heads");
+  expect(v.shape() == mx::Shape{B, 1, HV, Dv}, "gdn_step: v must be [B, 1, HV, Dv]");
+  expect(g.shape() == mx::Shape{B, 1, HV} && beta.shape() == g.shape(),
+         "gdn_step: g and beta must be [B, 1, HV]");
+  for (const mx::array* a : {&state, &q, &k, &v, &g, &beta}) {
+    expect(a->dtype() == mx::float32, "gdn_step: float32 inputs only");
+  }
+  return mx::array::make_arrays({v.shape(), v.shape(), state.shape()},
+                                {mx::float32, mx::float32, mx::float32},
+                                std::make_shared<GdnStepPrimitive>(cpu_stream(), std::max(1, threads)),
+                                {state, q, k, v, g, beta});
+}
+
 }  // namespace
 
 NB_MODULE(_mlx_ext, m) {
@@ -538,4 +657,6 @@ NB_MODULE(_mlx_ext, m) {
         nb::arg("count"), nb::arg("log_scale"), nb::arg("sink"), nb::arg("gate"),
         nb::arg("norm_weight"), nb::arg("scores").none(), nb::arg("norm_eps"),
         nb::arg("bias_eps").none(), nb::arg("threads"));
+  m.def("gdn_step", &gdn_step, nb::arg("state"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("g"), nb::arg("beta"), nb::arg("threads"));
 }

@@ -16,6 +16,7 @@ from ham_mlx.cache.kv_buffer import append_slots
 from ham_mlx.layers import common
 from ham_mlx.ops import mlx_ext
 from ham_mlx.ops.attention import buffer_attention, gated_output
+from ham_mlx.ops.gated_delta import gated_delta_step
 from ham_mlx.routers import EPS, head_surprise, key_bias, token_score
 
 linux = sys.platform.startswith("linux")
@@ -208,6 +209,29 @@ def test_attend_on_threads_of_its_own_without_the_gemv_helper(ext):
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("hv", [2, 4], ids=["mha", "gva"])
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_gdn_step_matches_gated_delta_step(ext, hv, threads):
+    """From q, k, v as the decode step holds them (strided views of one projection), three rows,
+    a state big enough to be shared among threads (about 0.8 MB)."""
+    rng = np.random.default_rng(5)
+    B, H, Dk, Dv = 3, 2, 32, 384 // hv
+    qk = arr(rng.normal(size=(B, 1, 2 * H, Dk)))
+    qk = qk / mx.linalg.norm(qk, axis=-1, keepdims=True)
+    q, k = qk[:, :, :H], qk[:, :, H:]
+    wide = arr(rng.normal(size=(B, 1, hv * Dv + 3)))
+    v = wide[..., 3:].reshape(B, 1, hv, Dv)
+    g, beta = arr(-rng.uniform(0, 3, size=(B, 1, hv))), arr(rng.uniform(0, 2, size=(B, 1, hv)))
+    S = arr(rng.normal(size=(B, hv, Dv, Dk)))
+    o, v_hat, S2 = ext.gdn_step(S, q, k, v, g, beta, threads)
+    qs, ks = q[:, 0] * Dk**-0.5, k[:, 0]
+    qs, ks = mx.repeat(qs, hv // H, axis=1), mx.repeat(ks, hv // H, axis=1)
+    want = gated_delta_step(qs, ks, v[:, 0], g[:, 0], beta[:, 0], S)
+    for a, b in zip((o[:, 0], v_hat[:, 0], S2), want):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=2e-5, rtol=1e-5)
+    assert o.shape == v.shape and v_hat.shape == v.shape and S2.shape == S.shape
+
+
 def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
     i = mx.zeros((2,), dtype=mx.int32)
     with pytest.raises(ValueError, match="write_slot: row"):
@@ -220,6 +244,17 @@ def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
     with pytest.raises(ValueError, match="q must be"):
         ext.ham_attend(mx.zeros((2, 2, 3)), mx.zeros((2, 2, 5, 4)), mx.zeros((2, 2, 5, 4)), i, f,
                        f, mx.zeros((2, 2)), mx.zeros((4,)), None, 1e-6, None, 1)  # fmt: skip
+    S, q, v = mx.zeros((2, 4, 8, 16)), mx.zeros((2, 1, 2, 16)), mx.zeros((2, 1, 4, 8))
+    gb = mx.zeros((2, 1, 4))
+    with pytest.raises(ValueError, match="gdn_step: v must be"):
+        ext.gdn_step(S, q, q, mx.zeros((2, 1, 4, 9)), gb, gb, 1)
+    with pytest.raises(ValueError, match="multiple of q/k heads"):
+        ext.gdn_step(S, mx.zeros((2, 1, 3, 16)), mx.zeros((2, 1, 3, 16)), v, gb, gb, 1)
+    with pytest.raises(ValueError, match="float32"):
+        ext.gdn_step(S.astype(mx.float16), q, q, v, gb, gb, 1)
+
+
+GDN_GVA_NEGEIG = (("gdn",), {"num_v_heads": 4, "allow_neg_eigval": True})
 
 
 def decode_logits(model, ids, prompt, **cache_kw):
@@ -233,13 +268,14 @@ def decode_logits(model, ids, prompt, **cache_kw):
 @pytest.mark.parametrize(
     "name,controls",
     [(n, {}) for n in LAYER_CONFIGS if n.startswith("ham") and "conv1" not in n]  # Kc = 1: general
+    + [("gdn", {}), ("gdn-gva-negeig", {})]
     + [
         ("ham-cosine", {"max_kv_tokens": 5, "kv_policy": "reject"}),
         ("ham-cosine", {"kv_budget": 0.3}),
     ],  # fmt: skip
 )
 def test_decode_with_the_extension_matches_decode_without(ext, monkeypatch, name, controls):
-    layer_types, kw = LAYER_CONFIGS[name]
+    layer_types, kw = LAYER_CONFIGS.get(name, GDN_GVA_NEGEIG)
     model = make_model(layer_types + ("gdn",) + layer_types, **kw)
     ids = mx.array(np.random.default_rng(4).integers(0, 61, (2, 24)))
     calls = []
@@ -256,8 +292,9 @@ def test_decode_with_the_extension_matches_decode_without(ext, monkeypatch, name
         monkeypatch.setattr(common, "_COMPILED", {})
         calls.clear()
         results.append(decode_logits(model, ids, 6, **controls))
-        used.append("ham_attend" in calls)
-    assert used == [False, True], "only the second decode uses the extension"
+        used.append(sorted(set(calls) & {"gdn_step", "ham_attend"}))
+    ops = ["gdn_step"] + (["ham_attend"] if name.startswith("ham") else [])
+    assert used == [[], ops], "only the second decode uses the extension"
     (want, want_counts), (got, got_counts) = results
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     assert got_counts == want_counts

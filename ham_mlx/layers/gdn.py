@@ -24,6 +24,7 @@ from ham_mlx.layers.common import (
     l2norm,
     run_plan,
 )
+from ham_mlx.ops import mlx_ext
 from ham_mlx.ops.cpu_scan import OutputNorm, gated_delta_c
 from ham_mlx.ops.gated_delta import chunk_size_for, gated_delta, gated_delta_step, runs_c_scan
 
@@ -80,6 +81,7 @@ def gdn_branch(
     one_step=False,
     cached=False,
     with_v_hat=True,
+    ext_threads=None,
 ):
     """The GDN branch of a layer for x [B, L, D] (spec §3 steps 1-7), as a pure function: the
     general path calls it, and the one-token decode step calls it compiled (`one_step`: L = 1,
@@ -91,6 +93,8 @@ def gdn_branch(
     (padding leaves the conv inputs and the state as they were: zeroed inputs, decay 1, beta 0).
     cached: a cached call (generation), which no gradient goes through (see `gated_delta`);
     without with_v_hat such a call may leave Recurrence.v_hat None (a GDN layer reads o only).
+    ext_threads: with one_step, the scan step as the MLX extension's `gdn_step` on up to that
+    many threads (None: MLX's operations, `gated_delta_step`).
     Returns (Recurrence, the new conv inputs, the new state).
     """
     B, L, _ = x.shape
@@ -110,6 +114,9 @@ def gdn_branch(
         g = mx.where(valid[..., None], g, 0.0)
         beta = mx.where(valid[..., None], beta, 0.0)
     gate = gate_heads(gate, cfg, B, L)
+    if one_step and ext_threads is not None:  # q, k, v, g, beta as the step holds them
+        o, v_hat, S = mlx_ext.module().gdn_step(S, q, k, v, g, beta, ext_threads)
+        return Recurrence(q, k, v, o, v_hat, gate, small), conv, S
     if one_step:
         qs, ks = (q[:, 0] * Dk**-0.5).astype(mx.float32), k[:, 0].astype(mx.float32)
         if HV != H:  # value head j reads q/k head j // (HV // H)
@@ -148,11 +155,20 @@ def input_projections(p: dict, x: mx.array, cfg: StepConfig) -> tuple[mx.array, 
     return qkv, gate, linear(p["small"], x)
 
 
-def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig) -> tuple[mx.array, ...]:
-    """One token through a GDN mixer (`gdn_branch` + output), a pure function: (y, conv, S)."""
-    rec, conv, S = gdn_branch(p, x, conv, S, cfg, one_step=True)
+def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig, threads=None) -> tuple[mx.array, ...]:
+    """One token through a GDN mixer (`gdn_branch` + output), a pure function: (y, conv, S);
+    threads: the scan step on the MLX extension (see `gdn_branch`'s ext_threads)."""
+    rec, conv, S = gdn_branch(p, x, conv, S, cfg, one_step=True, ext_threads=threads)
     r = rnn_output(rec, p, cfg).astype(x.dtype)  # [B, 1, HV, Dv]
     return linear(p["o_proj"], r.reshape(*x.shape[:2], -1)), conv, S
+
+
+def step_ext_threads(state: tuple[mx.array, ...]) -> int | None:
+    """The threads of the decode step's `gdn_step` (the MLX extension), or None where the step
+    keeps MLX's operations (no extension here; a state that is not float32)."""
+    if any(a.dtype != mx.float32 for a in state) or not mlx_ext.available():
+        return None
+    return mlx_ext.threads()
 
 
 def rnn_output(rec: Recurrence, p: dict, cfg: StepConfig) -> mx.array:
@@ -379,8 +395,10 @@ class GatedDeltaNet(nn.Module):
             cache.advance(rows, 1)
 
         state = self.decode_state(x, cache)
-        step = partial(gdn_decode_step, cfg=cfg)
-        return DecodePlan(("gdn", cfg), step, self.step_params(stacked=True), state, finish)
+        threads = step_ext_threads(state)
+        step = partial(gdn_decode_step, cfg=cfg, threads=threads)
+        key = ("gdn", cfg, threads)
+        return DecodePlan(key, step, self.step_params(stacked=True), state, finish)
 
     def __call__(self, x: mx.array, cache: GDNCache | None = None) -> mx.array:
         plan = self.decode_plan(x, cache)

@@ -60,12 +60,12 @@ def decode_step(p, x, conv, S, entries, count, positions, tau, cap, scratch, slo
     scalar (the `reject` policy's max_kv_tokens) or None; scratch: int32 scalar, the last slot
     (an input, not a constant: CPU compile bakes constants into the C++ it builds); slots [m]:
     attention reads the first m slots only (its shape, not its values, matters).
-    cfg: (StepConfig, router kind, threads): with threads (an int, not None) the cache's part runs
-    as the extension's operations (`extension_part`). Returns y [B, 1, D], the new conv, S,
-    entries and count, and score, admitted [B, 1].
+    cfg: (StepConfig, router kind, threads): with threads (an int, not None) the scan step and
+    the cache's part run as the extension's operations (`gdn_step`, `extension_part`). Returns
+    y [B, 1, D], the new conv, S, entries and count, and score, admitted [B, 1].
     """
     gdn, kind, threads = cfg
-    rec, conv, S = gdn_branch(p, x, conv, S, gdn, one_step=True)
+    rec, conv, S = gdn_branch(p, x, conv, S, gdn, one_step=True, ext_threads=threads)
     state = (entries, count, positions, tau, cap, scratch)
     if threads is None:
         kv, entries, count, score, admitted = mlx_part(p, x, rec, *state, slots, gdn, kind)
