@@ -1,13 +1,15 @@
-// MLX operations for the HAM part of a one-token decode step on the CPU (see
+// MLX operations for the scan step and the HAM part of a one-token decode step on the CPU (see
 // ham_mlx/ops/mlx_ext.py, which builds this file on first use against the installed MLX).
 //
-// MLX runs the decode step's head score, admission, four scatters, the attention over the stored
-// entries and the gated norm as about sixty graph nodes, each with a fixed cost of several
-// microseconds on the CPU. Here they are seven MLX primitives: `HeadScore`, `HamAdmit`, four
-// `WriteSlot` (in place where MLX may donate the buffer; single-output, because MLX gives every
-// output of a multi-output primitive its own reference to the inputs, so none would be donatable)
-// and `HamAttend` (each row's stored entries read once, on up to `threads` threads, then the
-// gated RMSNorm). Their twins are ham_mlx's MLX functions in `mlx_part` (tests compare them).
+// `GdnStep` reads the GDN state once and writes the new one (MLX: a product, then a strided
+// update kernel, about ten nodes; its twin is gated_delta_step). MLX runs the decode step's head
+// score, admission, four scatters, the attention over the stored entries and the gated norm as
+// about sixty graph nodes, each with a fixed cost of several microseconds on the CPU. Here they
+// are seven MLX primitives: `HeadScore`, `HamAdmit`, four `WriteSlot` (in place where MLX may
+// donate the buffer; single-output, because MLX gives every output of a multi-output primitive
+// its own reference to the inputs, so none would be donatable) and `HamAttend` (each row's stored
+// entries read once, on up to `threads` threads, then the gated RMSNorm). Their twins are
+// ham_mlx's MLX functions in `mlx_part` (tests compare them).
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>

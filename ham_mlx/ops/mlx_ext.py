@@ -1,11 +1,13 @@
-"""MLX operations for the HAM part of a one-token decode step on the CPU.
+"""MLX operations for the scan step and the HAM part of a one-token decode step on the CPU.
 
-MLX runs that part of the step (the head score, admission, the four scatters into the KV buffer,
-the attention over the stored entries and the gated norm) as about sixty graph nodes; on the CPU
-each node costs several microseconds however small its work. `ham_mlx/_mlx_ext.cpp` defines it as
-seven MLX primitives (`head_score`, `ham_admit`, four `write_slot`, `ham_attend`), so that it
-stays inside the compiled step (no host sync), writes the buffers in place and reads the entries
-on several threads (the gemv helper's pool where it is loaded).
+MLX runs the scan step (a product with the state, then the state's update in a strided kernel)
+as about ten graph nodes, and the HAM part of the step (the head score, admission, the four
+scatters into the KV buffer, the attention over the stored entries and the gated norm) as about
+sixty; on the CPU each node costs several microseconds however small its work.
+`ham_mlx/_mlx_ext.cpp` defines them as MLX primitives (`gdn_step`, and `head_score`, `ham_admit`,
+four `write_slot`, `ham_attend`), so that they stay inside the compiled step (no host sync), read
+the state once, write the buffers in place and share the work among threads (the gemv helper's
+pool where it is loaded).
 
 The extension is compiled on first use against the installed MLX (its headers and `libmlx` ship
 in the wheel) with nanobind's sources, by the C++ compiler MLX's own CPU `mx.compile` uses, and
@@ -64,8 +66,8 @@ def threads() -> int:
 
 
 def module() -> ModuleType:
-    """The loaded extension: `head_score`, `ham_admit`, `write_slot`, `ham_attend` (see
-    `_mlx_ext.cpp`)."""
+    """The loaded extension: `gdn_step`, `head_score`, `ham_admit`, `write_slot`, `ham_attend`
+    (see `_mlx_ext.cpp`)."""
     loaded = _load()
     if loaded is None:
         raise RuntimeError(f"the ham_mlx MLX extension is not available: {why_not()}")
