@@ -1,17 +1,18 @@
 """Transparent huge pages for the weights a decode step streams (Linux).
 
 A decode step reads every weight of the model once, hundreds of MiB, and each 4 KiB page of it
-costs a TLB miss and a page walk. On 2 MiB pages the same reads run faster: the `base` preset's
+needs its own TLB entry. On 2 MiB pages the same reads run faster: the `base` preset's
 526 MiB of decode weights streamed through the matrix-vector products at 20.4 GB/s on 4 KiB pages
 and 27.7 GB/s on 2 MiB pages (same process, docs/benchmarks.md).
 
 MLX allocates with malloc, which does not ask for huge pages, and where the kernel's THP mode is
 "madvise" (the common default) memory gets them only when asked. `advise(arrays)` asks for each
 array's memory (MADV_HUGEPAGE) and, on Linux 6.1 or later, moves its pages there at once
-(MADV_COLLAPSE: it copies them, about 1.6 ms per MiB here). Neither changes what the memory holds.
+(MADV_COLLAPSE: it copies them, about 1.6-2 ms per MiB here). Neither changes what the memory holds.
 `advise_in_background` does that on a daemon thread (madvise releases the GIL), so that the first
 tokens do not wait for it. Only the 2 MiB-aligned part of an array can move; arrays under 2 MiB
-are left alone. Where the calls fail (another OS, an older kernel, THP off) nothing changes.
+are left alone. Where the calls fail (another OS, an older kernel, THP off) nothing changes; on a
+GPU device nothing is tried.
 HAM_MLX_NO_HUGE_PAGES=1 turns it off.
 """
 
@@ -36,7 +37,10 @@ _madvise = None
 
 
 def enabled() -> bool:
-    return sys.platform == "linux" and os.environ.get("HAM_MLX_NO_HUGE_PAGES", "") in ("", "0")
+    """Linux, the CPU device (a GPU's memory is not this process's pages), not turned off."""
+    if sys.platform != "linux" or mx.default_device() != mx.cpu:
+        return False
+    return os.environ.get("HAM_MLX_NO_HUGE_PAGES", "") in ("", "0")
 
 
 def _libc_madvise():
