@@ -3,7 +3,7 @@
  * The same result as ham_mlx.ops.attention.chunk_attention, computed tile by tile: for a tile of
  * queries and a tile of keys, one sgemm gives the logits (in base 2, already shifted by the bound
  * of the head's logits), a loop takes 2^x with the mask and the row sums, and a second sgemm adds
- * p @ v into the output. The logits never leave the cache: a tile is at most 128 x 256 floats.
+ * p @ v into the output. The logits never leave the cache: a tile is at most 256 x 256 floats.
  * ham_mlx/ops/cpu_attention.py calls it through ctypes and binds it to OpenBLAS's cblas_sgemm.
  *
  * Shapes (strides in floats, the innermost stride is 1):
@@ -32,7 +32,7 @@
 
 #define MAX_WORKERS HAM_MAX_PARTS
 #ifndef QUERY_TILE
-#define QUERY_TILE 128
+#define QUERY_TILE 256
 #endif
 #ifndef KEY_TILE
 #define KEY_TILE 256

@@ -81,7 +81,7 @@ def reference(q, keys, values, counts, positions, q_pos, log_scale, sink, bias):
         (3, 3, 1, 4, 0, [4, 2]),  # one query; a row with fewer settled entries
         (2, 2, 6, 0, 4, [4, 0]),  # empty cache before the chunk; an empty row
         (2, 2, 5, 6, 0, [6, 6]),  # the chunk admitted nothing: every slot settled, no mask
-        (1, 2, 200, 300, 90, [390, 301]),  # several query and key tiles of the C form
+        (1, 2, 300, 300, 90, [390, 301]),  # several query and key tiles of the C form
     ],
     ids=["mha", "gva-ragged", "one-query", "first-chunk", "all-settled", "tiles"],
 )
