@@ -86,6 +86,17 @@ void dispatch(mx::Primitive& prim, const std::vector<mx::array>& in, std::vector
   encoder.dispatch(std::forward<F>(work));
 }
 
+// Runs fn(self, part, parts) for every part on ham_mlx's gemv helper's pool where it is loaded
+// (its threads are already awake during a decode step: they spin between the step's products,
+// and a thread of our own would share a core with one of them); false where it is not.
+bool on_pool(void (*fn)(void*, int, int), void* self, int parts) {
+  using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
+  static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
+  if (!pool_run) return false;
+  pool_run(fn, self, parts);
+  return true;
+}
+
 float dot(const float* a, const float* b, int n) {
   constexpr int W = 16;  // independent partial sums the compiler keeps in vector registers
   float acc[W] = {0};
@@ -361,15 +372,7 @@ struct Attend {
     // below about 2 MB of entries a second thread costs more to start than it saves
     int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (2 << 20)}));
     parts = std::max(parts, 1);
-    // ham_mlx's gemv helper, where it is loaded: its threads are already awake during a decode
-    // step (they spin between the step's products), and a thread of our own would share a core
-    // with one of them
-    using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
-    static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
-    if (parts > 1 && pool_run) {
-      pool_run(&Attend::part, const_cast<Attend*>(this), parts);
-      return;
-    }
+    if (parts > 1 && on_pool(&Attend::part, const_cast<Attend*>(this), parts)) return;
     std::vector<std::thread> pool;
     for (int t = 1; t < parts; ++t) {
       pool.emplace_back([this, t, items, parts] {
@@ -485,12 +488,7 @@ struct GdnStep {
     // a state under about half a MB is done sooner on one thread
     int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (512 << 10)}));
     parts = std::max(parts, 1);
-    using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
-    static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
-    if (parts > 1 && pool_run) {
-      pool_run(&GdnStep::part, const_cast<GdnStep*>(this), parts);
-      return;
-    }
+    if (parts > 1 && on_pool(&GdnStep::part, const_cast<GdnStep*>(this), parts)) return;
     for (int it = 0; it < items; ++it) item(it);  // no pool: one thread (not worth a new one)
   }
 };
