@@ -25,6 +25,8 @@
 #include <thread>
 #include <vector>
 
+#include "_exp2.h"
+#include "_ftz.h"
 #include "_surprise.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -531,6 +533,76 @@ class GdnStepPrimitive : public mx::Primitive {
   int threads_;
 };
 
+// ---- the MLP's SiLU(gate) * up, on the pool's threads (prefill) --------------------------------
+// inputs gate, up [..., n] f32 (the last axis contiguous, e.g. the two halves of one product);
+// output [..., n] f32: gate / (1 + 2^(-gate log2 e)) * up. MLX's compiled form runs on one thread.
+struct SwiGLU {
+  Flat<float> gate, up;
+  float* out = nullptr;
+  int64_t rows = 0;
+  int n = 0, threads = 1;
+
+  void span(int64_t r0, int64_t r1) const {
+    const unsigned csr = ham_ftz_begin();  // a blended lane's candidate may be a denormal
+    std::vector<float> tmp(2 * n);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gate.row(r * n, n, tmp.data());
+      const float* u = up.row(r * n, n, tmp.data() + n);
+      float* o = out + r * n;
+      for (int j = 0; j < n; ++j) {
+        o[j] = g[j] / (1.0f + ham_exp2(-g[j] * 1.4426950408889634f)) * u[j];
+      }
+    }
+    ham_ftz_end(csr);
+  }
+
+  static void part(void* self, int part, int parts) {
+    auto* job = static_cast<const SwiGLU*>(self);
+    job->span(job->rows * part / parts, job->rows * (part + 1) / parts);
+  }
+
+  void run() const {
+    int parts = static_cast<int>(std::min<int64_t>({threads, rows, 1 + rows * n / (1 << 16)}));
+    parts = std::max(parts, 1);
+    if (parts > 1 && on_pool(&SwiGLU::part, const_cast<SwiGLU*>(this), parts)) return;
+    std::vector<std::thread> pool;
+    void* self = const_cast<SwiGLU*>(this);
+    for (int t = 1; t < parts; ++t) pool.emplace_back([self, t, parts] { part(self, t, parts); });
+    part(self, 0, parts);
+    for (auto& th : pool) th.join();
+  }
+};
+
+class SwiGLUPrimitive : public mx::UnaryPrimitive {
+ public:
+  SwiGLUPrimitive(mx::Stream s, int threads) : mx::UnaryPrimitive(s), threads_(threads) {}
+
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    allocate(out);
+    SwiGLU job;
+    job.gate = Flat<float>(in[0]);
+    job.up = Flat<float>(in[1]);
+    job.out = out.data<float>();
+    job.n = in[0].shape(-1);
+    job.rows = job.n ? static_cast<int64_t>(in[0].size()) / job.n : 0;
+    job.threads = threads_;
+    std::vector<mx::array> outs = {out};
+    dispatch(*this, in, outs, [job = std::move(job)]() { job.run(); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("SwiGLU runs on the CPU only");
+  }
+  const char* name() const override {
+    return "SwiGLU";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return threads_ == static_cast<const SwiGLUPrimitive&>(other).threads_;
+  }
+
+ private:
+  int threads_;
+};
+
 // ---- the Python-facing operations: shapes and dtypes are checked here, when the graph is built --
 mx::Stream cpu_stream() {
   return mx::default_stream(mx::Device::cpu);
@@ -644,6 +716,14 @@ std::vector<mx::array> gdn_step(const mx::array& state, const mx::array& q, cons
                                 {state, q, k, v, g, beta});
 }
 
+mx::array swiglu(const mx::array& gate, const mx::array& up, int threads) {
+  expect(gate.shape() == up.shape() && gate.ndim() >= 1, "swiglu: gate and up of one shape");
+  expect(gate.dtype() == mx::float32 && up.dtype() == mx::float32, "swiglu: float32 only");
+  return mx::array(gate.shape(), mx::float32,
+                   std::make_shared<SwiGLUPrimitive>(cpu_stream(), std::max(1, threads)),
+                   {gate, up});
+}
+
 }  // namespace
 
 NB_MODULE(_mlx_ext, m) {
@@ -657,6 +737,7 @@ NB_MODULE(_mlx_ext, m) {
         nb::arg("count"), nb::arg("log_scale"), nb::arg("sink"), nb::arg("gate"),
         nb::arg("norm_weight"), nb::arg("scores").none(), nb::arg("norm_eps"),
         nb::arg("bias_eps").none(), nb::arg("threads"));
+  m.def("swiglu", &swiglu, nb::arg("gate"), nb::arg("up"), nb::arg("threads"));
   m.def("gdn_step", &gdn_step, nb::arg("state"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
         nb::arg("g"), nb::arg("beta"), nb::arg("threads"));
 }

@@ -21,9 +21,10 @@ from ham_mlx.layers.attention import Attention
 from ham_mlx.layers.common import DecodePlan, run_plan
 from ham_mlx.layers.gdn import GatedDeltaNet, SharedStack, linear
 from ham_mlx.layers.ham import HAMAttention
-from ham_mlx.ops import fast_math
+from ham_mlx.ops import fast_math, mlx_ext
 
 FP32_PARAMS = ("A_log", "dt_bias", "threshold")  # kept in float32 whatever the model dtype
+SWIGLU_MIN_TOKENS = 16  # shorter cached calls (decode steps) keep MLX's fused form
 
 
 class GatedMLP(nn.Module):
@@ -33,8 +34,34 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(dims, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dims, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(fast_math.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, cached: bool = False) -> mx.array:
+        """x [B, L, D]; cached: a call that fills a cache, which no gradient goes through: on
+        the CPU, a long float32 one takes both products as one (the decode step's stacked
+        weight) and SiLU(gate) * up as the MLX extension's `swiglu` on several threads."""
+        threads = self.swiglu_threads(x) if cached else None
+        if threads is None:
+            return self.down_proj(fast_math.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = mx.split(linear(self.gate_up(), x), 2, axis=-1)
+        return self.down_proj(mlx_ext.module().swiglu(gate, up, threads))
+
+    def plain(self) -> bool:
+        """Whether the three layers are plain Linear layers without bias (not quantized)."""
+        mlp = (self.gate_proj, self.up_proj, self.down_proj)
+        return all(type(m) is nn.Linear and "bias" not in m for m in mlp)
+
+    def gate_up(self) -> mx.array:
+        """The gate and up weights stacked [2 * hidden, D] (`SharedStack`: their modules' weights
+        then view it)."""
+        if "_gate_up" not in self.__dict__:
+            self._gate_up = SharedStack()
+        return self._gate_up.get([self.gate_proj, self.up_proj])
+
+    def swiglu_threads(self, x: mx.array) -> int | None:
+        """Threads for the extension's `swiglu` on x's tokens, or None where the MLX form runs
+        (a short call, another dtype, quantized layers, no extension here)."""
+        if x.dtype != mx.float32 or x.shape[-2] < SWIGLU_MIN_TOKENS or not self.plain():
+            return None
+        return mlx_ext.threads() if mlx_ext.available() else None
 
 
 def block_decode_step(p: dict, h: mx.array, *state, mixer, eps: tuple[float, float]):
@@ -78,15 +105,12 @@ class Block(nn.Module):
     def block_plan(self, plan: DecodePlan) -> DecodePlan | None:
         """The mixer's step wrapped with the norms, the MLP and the residuals (None when the
         MLP's layers are not plain Linear layers)."""
-        mlp = (self.mlp.gate_proj, self.mlp.up_proj, self.mlp.down_proj)
-        if any(type(m) is not nn.Linear or "bias" in m for m in mlp):
+        if not self.mlp.plain():
             return None
         eps = (self.attn_norm.eps, self.mlp_norm.eps)
-        if "_gate_up" not in self.mlp.__dict__:
-            self.mlp._gate_up = SharedStack()
         weights = {
             "attn_norm": self.attn_norm.weight, "mlp_norm": self.mlp_norm.weight,
-            "gate_up": self.mlp._gate_up.get([mlp[0], mlp[1]]), "down": mlp[2].weight,
+            "gate_up": self.mlp.gate_up(), "down": self.mlp.down_proj.weight,
         }  # fmt: skip
         step = partial(block_decode_step, mixer=plan.step, eps=eps)
         params = {"mixer": plan.params, "block": weights}
@@ -106,7 +130,7 @@ class Block(nn.Module):
             x = x + self.attn.general(h, cache)
         else:
             x = x + self.attn(h, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), cached=cache is not None)
 
 
 class Backbone(nn.Module):

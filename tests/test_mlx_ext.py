@@ -11,10 +11,11 @@ import pytest
 from conftest import LAYER_CONFIGS, make_model
 
 from ham_mlx import kv_stats
+from ham_mlx import model as model_module
 from ham_mlx.admission import admit
 from ham_mlx.cache.kv_buffer import append_slots
 from ham_mlx.layers import common
-from ham_mlx.ops import mlx_ext
+from ham_mlx.ops import fast_math, mlx_ext
 from ham_mlx.ops.attention import buffer_attention, gated_output
 from ham_mlx.ops.gated_delta import gated_delta_step
 from ham_mlx.routers import EPS, head_surprise, key_bias, token_score
@@ -188,7 +189,7 @@ def test_attend_on_threads_of_its_own_without_the_gemv_helper(ext):
         import numpy as np, mlx.core as mx
         import ham_mlx
         from ham_mlx import _blas
-        from ham_mlx.ops import mlx_ext
+        from ham_mlx.ops import fast_math, mlx_ext
         assert _blas.loaded_gemv_shim is None
         ext = mlx_ext.module()
         rng = np.random.default_rng(0)
@@ -232,6 +233,48 @@ def test_gdn_step_matches_gated_delta_step(ext, hv, threads):
     assert o.shape == v.shape and v_hat.shape == v.shape and S2.shape == S.shape
 
 
+@pytest.mark.parametrize("threads", [1, 2, 7])
+def test_swiglu_matches_silu_times_up(ext, threads):
+    """From the two halves of one product (strided rows), values out to where 2^x clamps."""
+    rng = np.random.default_rng(6)
+    both = arr(rng.normal(scale=30.0, size=(3, 70, 2 * 520)))
+    both[0, 0, :4] = arr([-200.0, 200.0, 0.0, -0.0])
+    gate, up = mx.split(both, 2, axis=-1)
+    got = ext.swiglu(gate, up, threads)
+    want = fast_math.silu(gate) * up
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=2e-6, atol=1e-6)
+    assert got.shape == gate.shape
+
+
+def test_swiglu_leaves_mlx_threads_their_floating_point_mode(ext):
+    """Its parts flush denormals while they run (MLX's own CPU thread runs one of them); MLX's
+    later operations on that thread still make denormals."""
+    gate = mx.full((64, 4096), -90.0)  # SiLU near 2^-126: denormal candidates
+    mx.eval(ext.swiglu(gate, mx.ones_like(gate), 2))
+    tiny = mx.array([1e-38]) / 16.0
+    assert float(tiny[0]) != 0.0
+
+
+def test_a_cached_prefill_takes_swiglu_and_matches_the_mlx_form(ext, monkeypatch):
+    model = make_model(("gdn", "ham"))
+    ids = mx.array(np.random.default_rng(8).integers(0, 61, (2, 40)))
+    calls = []
+
+    class Spy:
+        def __getattr__(self, key):
+            calls.append(key)
+            return getattr(ext, key)
+
+    monkeypatch.setattr(mlx_ext, "module", lambda: Spy())
+    got = model(ids, model.make_cache())
+    assert "swiglu" in calls
+    calls.clear()
+    monkeypatch.setattr(model_module, "SWIGLU_MIN_TOKENS", 10**9)
+    want = model(ids, model.make_cache())
+    assert "swiglu" not in calls
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4, rtol=0)
+
+
 def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
     i = mx.zeros((2,), dtype=mx.int32)
     with pytest.raises(ValueError, match="write_slot: row"):
@@ -252,6 +295,8 @@ def test_bad_shapes_and_dtypes_are_refused_when_the_graph_is_built(ext):
         ext.gdn_step(S, mx.zeros((2, 1, 3, 16)), mx.zeros((2, 1, 3, 16)), v, gb, gb, 1)
     with pytest.raises(ValueError, match="float32"):
         ext.gdn_step(S.astype(mx.float16), q, q, v, gb, gb, 1)
+    with pytest.raises(ValueError, match="swiglu: gate and up"):
+        ext.swiglu(mx.zeros((2, 4)), mx.zeros((2, 5)), 1)
 
 
 GDN_GVA_NEGEIG = (("gdn",), {"num_v_heads": 4, "allow_neg_eigval": True})
@@ -308,7 +353,7 @@ def test_a_fresh_build_and_a_failed_one(tmp_path, compiler):
         """
         import mlx.core as mx
         import ham_mlx
-        from ham_mlx.ops import mlx_ext
+        from ham_mlx.ops import fast_math, mlx_ext
         from ham_mlx import Model
         from ham_mlx.config import ModelArgs
         print(mlx_ext.available())

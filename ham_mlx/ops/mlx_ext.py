@@ -37,7 +37,8 @@ import mlx.core as mx
 from ham_mlx.lanes import cpu_count
 
 SOURCE = Path(__file__).resolve().parent.parent / "_mlx_ext.cpp"
-HEADERS = [SOURCE.parent / "_surprise.h"]  # what SOURCE includes from the package
+# what SOURCE includes from the package
+HEADERS = [SOURCE.parent / n for n in ("_surprise.h", "_exp2.h", "_ftz.h")]
 # -march=native: the build serves this machine only (its CPU is part of the cache key);
 # NB_DOMAIN=mlx: share nanobind's type registry with mlx.core, whose arrays the operations take
 FLAGS = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
