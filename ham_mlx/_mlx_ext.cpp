@@ -9,7 +9,8 @@
 // donate the buffer; single-output, because MLX gives every output of a multi-output primitive
 // its own reference to the inputs, so none would be donatable) and `HamAttend` (each row's stored
 // entries read once, on up to `threads` threads, then the gated RMSNorm). Their twins are
-// ham_mlx's MLX functions in `mlx_part` (tests compare them).
+// ham_mlx's MLX functions in `mlx_part` (tests compare them). `SwiGLU` serves prefill: the MLP's
+// SiLU(gate) * up on several threads (twin: fast_math.silu(gate) * up).
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>

@@ -7,7 +7,8 @@ sixty; on the CPU each node costs several microseconds however small its work.
 `ham_mlx/_mlx_ext.cpp` defines them as MLX primitives (`gdn_step`, and `head_score`, `ham_admit`,
 four `write_slot`, `ham_attend`), so that they stay inside the compiled step (no host sync), read
 the state once, write the buffers in place and share the work among threads (the gemv helper's
-pool where it is loaded).
+pool where it is loaded). One more serves prefill: `swiglu`, the MLP's SiLU(gate) * up on
+several threads (MLX's compiled elementwise code runs on one).
 
 The extension is compiled on first use against the installed MLX (its headers and `libmlx` ship
 in the wheel) with nanobind's sources, by the C++ compiler MLX's own CPU `mx.compile` uses, and
@@ -67,8 +68,8 @@ def threads() -> int:
 
 
 def module() -> ModuleType:
-    """The loaded extension: `gdn_step`, `head_score`, `ham_admit`, `write_slot`, `ham_attend`
-    (see `_mlx_ext.cpp`)."""
+    """The loaded extension: `gdn_step`, `head_score`, `ham_admit`, `write_slot`, `ham_attend`,
+    `swiglu` (see `_mlx_ext.cpp`)."""
     loaded = _load()
     if loaded is None:
         raise RuntimeError(f"the ham_mlx MLX extension is not available: {why_not()}")
