@@ -37,16 +37,16 @@ collapses = pytest.mark.skipif(
 )
 
 
-def huge_kib_of_mapping(address: int) -> int:
-    """AnonHugePages of the memory mapping that holds `address` (/proc/self/smaps)."""
-    inside = False
+def huge_kib_between(lo: int, hi: int) -> int:
+    """AnonHugePages of the memory mappings that overlap [lo, hi) (/proc/self/smaps)."""
+    total, inside = 0, False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
         if head:
-            inside = int(head.group(1), 16) <= address < int(head.group(2), 16)
+            inside = int(head.group(1), 16) < hi and lo < int(head.group(2), 16)
         elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no mapping holds {address:#x}")
+            total += int(line.split()[1])
+    return total
 
 
 @collapses
@@ -61,7 +61,9 @@ def test_an_array_moves_to_huge_pages_and_keeps_its_values(monkeypatch, dtype):
     start, end = huge_pages.memory_range(a)
     assert start <= lo < hi <= end and hi - lo >= a.nbytes - 2 * huge_pages.HUGE_PAGE
     assert huge_pages.advise([a]) == hi - lo
-    assert huge_kib_of_mapping(lo) >= (hi - lo) // 1024
+    # the kernel reports huge pages there: not always all of them (once, in a whole suite run,
+    # 6 of the 10 MiB moved, in the heap)
+    assert huge_kib_between(lo, hi) >= huge_pages.HUGE_PAGE // 1024
     np.testing.assert_array_equal(np.array(a.astype(mx.float32)), want)
 
 
