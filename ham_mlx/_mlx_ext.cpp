@@ -89,15 +89,21 @@ void dispatch(mx::Primitive& prim, const std::vector<mx::array>& in, std::vector
   encoder.dispatch(std::forward<F>(work));
 }
 
-// Runs fn(self, part, parts) for every part on ham_mlx's gemv helper's pool where it is loaded
-// (its threads are already awake during a decode step: they spin between the step's products,
-// and a thread of our own would share a core with one of them); false where it is not.
-bool on_pool(void (*fn)(void*, int, int), void* self, int parts) {
+// Runs fn(self, part, parts) for part = 0 .. parts - 1: on ham_mlx's gemv helper's pool where it
+// is loaded (its threads are already awake during a decode step: they spin between the step's
+// products, and a thread of our own would share a core with one of them); else on threads of
+// our own (own_threads) or one after another on this thread.
+void run_parts(void (*fn)(void*, int, int), void* self, int parts, bool own_threads) {
   using PoolRun = int (*)(void (*)(void*, int, int), void*, int);
   static PoolRun pool_run = reinterpret_cast<PoolRun>(dlsym(RTLD_DEFAULT, "ham_pool_run"));
-  if (!pool_run) return false;
-  pool_run(fn, self, parts);
-  return true;
+  if (parts > 1 && pool_run) {
+    pool_run(fn, self, parts);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int t = 1; t < parts && own_threads; ++t) pool.emplace_back([=] { fn(self, t, parts); });
+  for (int t = 0; t < (own_threads ? 1 : parts); ++t) fn(self, t, parts);
+  for (auto& th : pool) th.join();
 }
 
 float dot(const float* a, const float* b, int n) {
@@ -374,16 +380,7 @@ struct Attend {
     for (int b = 0; b < B; ++b) bytes += int64_t(std::max(count[b], 0)) * (H * Dk + HV * Dv) * 4;
     // below about 2 MB of entries a second thread costs more to start than it saves
     int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (2 << 20)}));
-    parts = std::max(parts, 1);
-    if (parts > 1 && on_pool(&Attend::part, const_cast<Attend*>(this), parts)) return;
-    std::vector<std::thread> pool;
-    for (int t = 1; t < parts; ++t) {
-      pool.emplace_back([this, t, items, parts] {
-        for (int it = t; it < items; it += parts) item(it);
-      });
-    }
-    for (int it = 0; it < items; it += parts) item(it);
-    for (auto& th : pool) th.join();
+    run_parts(&Attend::part, const_cast<Attend*>(this), std::max(parts, 1), true);
   }
 };
 
@@ -490,9 +487,8 @@ struct GdnStep {
     int64_t bytes = int64_t(items) * Dv * Dk * 4;
     // a state under about half a MB is done sooner on one thread
     int parts = static_cast<int>(std::min<int64_t>({threads, items, 1 + bytes / (512 << 10)}));
-    parts = std::max(parts, 1);
-    if (parts > 1 && on_pool(&GdnStep::part, const_cast<GdnStep*>(this), parts)) return;
-    for (int it = 0; it < items; ++it) item(it);  // no pool: one thread (not worth a new one)
+    // no pool: all on this thread (a state this small is not worth a thread of our own)
+    run_parts(&GdnStep::part, const_cast<GdnStep*>(this), std::max(parts, 1), false);
   }
 };
 
@@ -564,13 +560,7 @@ struct SwiGLU {
 
   void run() const {
     int parts = static_cast<int>(std::min<int64_t>({threads, rows, 1 + rows * n / (1 << 16)}));
-    parts = std::max(parts, 1);
-    if (parts > 1 && on_pool(&SwiGLU::part, const_cast<SwiGLU*>(this), parts)) return;
-    std::vector<std::thread> pool;
-    void* self = const_cast<SwiGLU*>(this);
-    for (int t = 1; t < parts; ++t) pool.emplace_back([self, t, parts] { part(self, t, parts); });
-    part(self, 0, parts);
-    for (auto& th : pool) th.join();
+    run_parts(&SwiGLU::part, const_cast<SwiGLU*>(this), std::max(parts, 1), true);
   }
 };
 

@@ -59,9 +59,9 @@ class GatedMLP(nn.Module):
     def swiglu_threads(self, x: mx.array) -> int | None:
         """Threads for the extension's `swiglu` on x's tokens, or None where the MLX form runs
         (a short call, another dtype, quantized layers, no extension here)."""
-        if x.dtype != mx.float32 or x.shape[-2] < SWIGLU_MIN_TOKENS or not self.plain():
+        if x.shape[-2] < SWIGLU_MIN_TOKENS or not self.plain():
             return None
-        return mlx_ext.threads() if mlx_ext.available() else None
+        return mlx_ext.threads_for([x])
 
 
 def block_decode_step(p: dict, h: mx.array, *state, mixer, eps: tuple[float, float]):

@@ -163,14 +163,6 @@ def gdn_decode_step(p: dict, x, conv, S, cfg: StepConfig, threads=None) -> tuple
     return linear(p["o_proj"], r.reshape(*x.shape[:2], -1)), conv, S
 
 
-def step_ext_threads(state: tuple[mx.array, ...]) -> int | None:
-    """The threads of the decode step's `gdn_step` (the MLX extension), or None where the step
-    keeps MLX's operations (no extension here; a state that is not float32)."""
-    if any(a.dtype != mx.float32 for a in state) or not mlx_ext.available():
-        return None
-    return mlx_ext.threads()
-
-
 def rnn_output(rec: Recurrence, p: dict, cfg: StepConfig) -> mx.array:
     """r_t = RMSNorm(o_t) * w_onorm * act(gate_t): [B, L, HV, Dv] float32 (spec §3 step 8)."""
     if rec.r is not None:
@@ -395,7 +387,7 @@ class GatedDeltaNet(nn.Module):
             cache.advance(rows, 1)
 
         state = self.decode_state(x, cache)
-        threads = step_ext_threads(state)
+        threads = mlx_ext.threads_for(list(state))  # the scan step as `gdn_step`, or None
         step = partial(gdn_decode_step, cfg=cfg, threads=threads)
         key = ("gdn", cfg, threads)
         return DecodePlan(key, step, self.step_params(stacked=True), state, finish)

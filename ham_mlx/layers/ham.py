@@ -174,11 +174,8 @@ class HAMAttention(GatedDeltaNet):
     def ext_threads(self, x: mx.array, entries: Entries) -> int | None:
         """The threads the extension (`mlx_ext`) attends on, or None where the step keeps MLX's
         operations (no extension here; a dtype other than float32)."""
-        arrays = [x, entries.keys, entries.values, self["attn_log_scale"], self["attn_sink"],
-                  self["kv_norm"]["weight"]]  # fmt: skip
-        if any(a.dtype != mx.float32 for a in arrays) or not mlx_ext.available():
-            return None
-        return mlx_ext.threads()
+        return mlx_ext.threads_for([x, entries.keys, entries.values, self["attn_log_scale"],
+                                    self["attn_sink"], self["kv_norm"]["weight"]])  # fmt: skip
 
     def decode_plan(self, x: mx.array, cache: HAMCache | None, scores=None) -> DecodePlan | None:
         """The one-token step for x [B, 1, D] (`decode_step`), or None where the general path must

@@ -62,9 +62,17 @@ def why_not() -> str | None:
 
 
 def threads() -> int:
-    """Threads for one attention: HAM_MLX_EXT_THREADS, else the CPUs this process may use."""
+    """Threads for one operation: HAM_MLX_EXT_THREADS, else the CPUs this process may use."""
     value = os.environ.get("HAM_MLX_EXT_THREADS", "")
     return max(1, int(value)) if value else cpu_count()
+
+
+def threads_for(arrays: list[mx.array]) -> int | None:
+    """`threads()` for operations on these arrays, or None where MLX's operations must run
+    instead (one of them not float32, or no extension here)."""
+    if any(a.dtype != mx.float32 for a in arrays) or not available():
+        return None
+    return threads()
 
 
 def module() -> ModuleType:
